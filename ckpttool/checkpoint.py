@@ -1,0 +1,398 @@
+"""Opening a checkpoint: one file or a trainer folder, as a tree of plain values and references.
+
+``open`` reads only metadata: the zip central directory, data.pkl, safetensors headers and the
+bytes of tiny tensors (``step`` and other 0-d values). Tensor bytes are read on request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from .errors import UnreadableError
+from .formats.legacy import read_legacy
+from .formats.nodes import Global, Storage, TensorRef
+from .formats.safetensors import SafeTensor, read_safetensors
+from .formats.torchzip import Archive, read_archive, read_record
+from .formats.unpickler import Unpickled, unpickle
+from .tree import resolve
+
+if TYPE_CHECKING:
+    from .locate import ModelState, OptimizerState, SchedulerState
+
+TINY_NUMEL = 8  # tensors with at most this many elements have their values read
+_SNIFF = 64
+
+# files inside a folder that ckpttool reads, by suffix
+_FOLDER_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json", ".pkl", ".tar")
+
+
+@dataclass
+class CheckpointFile:
+    """One file of a checkpoint, parsed into a tree."""
+
+    name: str  # "" for a single-file checkpoint, else the file name inside the folder
+    path: str
+    format: str  # "torch-zip", "torch-legacy", "safetensors", "json" or "pickle"
+    size: int
+    root: Any
+    archive: Archive | None = None
+    globals: dict[str, Global] = field(default_factory=dict)
+    storages: dict[str, Storage] = field(default_factory=dict)
+    tensors: list[Any] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # format-specific (sys_info, metadata)
+
+    @property
+    def unsafe_globals(self) -> list[str]:
+        return sorted(q for q, g in self.globals.items() if g.safety == "dangerous")
+
+    @property
+    def opaque_globals(self) -> list[str]:
+        return sorted(q for q, g in self.globals.items() if g.safety == "opaque")
+
+
+class Checkpoint:
+    """A checkpoint opened for reading: its files, tree, and the states found in it.
+
+    Use :func:`ckpttool.open`. The tree (``root``) is a single file's unpickled object, or for
+    a folder a dict from file name to each file's object, so JSON Pointers such as
+    ``/optimizer``, ``/optimizer_states/0`` or ``/optimizer.pt`` address every part.
+    """
+
+    def __init__(self, path: str, kind: str, files: list[CheckpointFile]) -> None:
+        self.path = path
+        self.kind = kind  # "file", "hf-trainer", "accelerate" or "folder"
+        self.files = files
+
+    # -- the tree --------------------------------------------------------------------------
+    @property
+    def is_folder(self) -> bool:
+        return self.kind != "file"
+
+    @cached_property
+    def root(self) -> Any:
+        if not self.is_folder:
+            return self.files[0].root
+        return {f.name: f.root for f in self.files}
+
+    @property
+    def format(self) -> str:
+        return self.kind if self.is_folder else self.files[0].format
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def resolve(self, pointer: str) -> Any:
+        """The object at a JSON Pointer (``""`` is the root)."""
+        return resolve(self.root, pointer)
+
+    def file_for(self, pointer: str) -> CheckpointFile:
+        """The file holding the object at ``pointer``."""
+        if not self.is_folder:
+            return self.files[0]
+        first = pointer.split("/")[1] if pointer.startswith("/") else ""
+        for f in self.files:
+            if f.name == first.replace("~1", "/").replace("~0", "~"):
+                return f
+        raise KeyError(pointer)
+
+    # -- safety ----------------------------------------------------------------------------
+    @property
+    def unsafe_globals(self) -> list[str]:
+        return sorted({g for f in self.files for g in f.unsafe_globals})
+
+    @property
+    def opaque_globals(self) -> list[str]:
+        return sorted({g for f in self.files for g in f.opaque_globals})
+
+    @property
+    def unsafe(self) -> bool:
+        return bool(self.unsafe_globals)
+
+    # -- what is inside --------------------------------------------------------------------
+    @cached_property
+    def optimizers(self) -> list[OptimizerState]:
+        from .locate import locate
+        return locate(self).optimizers
+
+    @cached_property
+    def schedulers(self) -> list[SchedulerState]:
+        from .locate import locate
+        return locate(self).schedulers
+
+    @cached_property
+    def models(self) -> list[ModelState]:
+        from .locate import locate
+        return locate(self).models
+
+    def optimizer(self, pointer: str | None = None) -> OptimizerState:
+        """The optimizer at ``pointer``, or the only one when ``pointer`` is None."""
+        from .errors import CkptError
+        if pointer is None:
+            if len(self.optimizers) == 1:
+                return self.optimizers[0]
+            if not self.optimizers:
+                raise CkptError(f"{self.path}: no optimizer state found")
+            raise CkptError(f"{self.path}: {len(self.optimizers)} optimizers ("
+                            + ", ".join(repr(o.pointer) for o in self.optimizers)
+                            + "); pick one with --optimizer POINTER")
+        for o in self.optimizers:
+            if o.pointer == pointer:
+                return o
+        raise CkptError(f"{self.path}: no optimizer at {pointer!r}; optimizers are at "
+                        + (", ".join(repr(o.pointer) for o in self.optimizers) or "nowhere"))
+
+    # -- tensor bytes ----------------------------------------------------------------------
+    def read_bytes(self, tensor: Any) -> bytes:
+        """The bytes of a tensor's elements (contiguous views only as stored)."""
+        return read_tensor_bytes(tensor)
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.path!r} {self.format}>"
+
+
+# --------------------------------------------------------------------------------------------
+# reading one file
+
+def _sniff_error(path: str, head: bytes, size: int) -> UnreadableError:
+    """Say what a file that is not a checkpoint looks like."""
+    h = head.lstrip()
+    if size == 0:
+        what = "an empty file (0 bytes): the save was interrupted or never happened"
+    elif h.startswith(b"version https://git-lfs"):
+        what = ("a Git LFS pointer, not the checkpoint itself: run `git lfs pull` to fetch "
+                "the real file")
+    elif h[:15].lower().startswith((b"<!doctype html", b"<html")) or b"<html" in h[:64].lower():
+        what = "an HTML page, not a checkpoint: the download probably fetched an error page"
+    elif head.startswith(b"\x89PNG"):
+        what = "a PNG image, not a checkpoint"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "a NumPy .npy array, not a torch checkpoint (load it with numpy.load)"
+    elif head.startswith(b"\x1f\x8b"):
+        what = "a gzip file, not a torch checkpoint (decompress it first)"
+    elif len(head) > 262 and head[257:262] == b"ustar":
+        what = "a tar archive (the pre-1.0 torch tar format is not supported)"
+    elif head.startswith(b"PK"):
+        what = "a zip archive that is truncated or corrupt"
+    elif head[:1] == b"\x80":
+        what = "a plain pickle, not a torch.save checkpoint"
+    elif all(32 <= c < 127 or c in (9, 10, 13) for c in head[:_SNIFF]):
+        what = "a text file, not a checkpoint"
+    else:
+        what = f"not a checkpoint (it starts with bytes {head[:8].hex(' ')})"
+    return UnreadableError(f"{path}: {what}")
+
+
+def _looks_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 10:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= size - 8 and head[8:9] == b"{"
+
+
+def read_file(path: str, name: str = "", allow_pickle: bool = False) -> CheckpointFile:
+    """Parse one file into a :class:`CheckpointFile`, reading metadata only."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise UnreadableError(f"{path}: no such file or folder") from None
+    except PermissionError:
+        raise UnreadableError(f"{path}: permission denied (cannot read the file)") from None
+    except IsADirectoryError:
+        raise UnreadableError(f"{path}: a folder where a file was expected") from None
+    try:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 300, 0)
+        if head.startswith(b"PK\x03\x04") or (head.startswith(b"PK") and size > 22):
+            return _read_zip(path, name, fd, size)
+        if head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"):
+            return _read_legacy(path, name, fd, size)
+        if _looks_safetensors(head, size):
+            tensors, meta = read_safetensors(path, fd, size)
+            return CheckpointFile(name, path, "safetensors", size, tensors,
+                                  tensors=list(tensors.values()), extra={"metadata": meta})
+        if name.endswith(".json") or (name and head.lstrip()[:1] in (b"{", b"[")):
+            return _read_json(path, name, fd, size)
+        if allow_pickle and head[:1] == b"\x80":
+            data = os.pread(fd, size, 0)
+            u = unpickle(data)
+            return CheckpointFile(name, path, "pickle", size, u.root, globals=u.globals,
+                                  storages=u.storages)
+        raise _sniff_error(path, head, size)
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: str, name: str, fd: int, size: int) -> CheckpointFile:
+    if size > 64 << 20:
+        raise UnreadableError(f"{path}: JSON file too large ({size} bytes)")
+    try:
+        root = json.loads(os.pread(fd, size, 0))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UnreadableError(f"{path}: not valid JSON ({e})") from None
+    return CheckpointFile(name, path, "json", size, root)
+
+
+def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
+    try:
+        archive = read_archive(path, fd, size)
+    except (EOFError, struct.error):
+        raise UnreadableError(f"{path}: a zip archive that is truncated or corrupt") from None
+    data = read_record(path, fd, archive.records["data.pkl"])
+    u = _unpickle_checked(path, data)
+    for key, st in u.storages.items():
+        rec = archive.records.get(f"data/{key}")
+        if rec is None:
+            raise UnreadableError(f"{path}: storage data/{key} is missing from the archive "
+                                  "(truncated or corrupt)")
+        if rec.size < st.nbytes:
+            raise UnreadableError(f"{path}: storage data/{key} holds {rec.size} bytes but the "
+                                  f"pickle declares {st.nbytes} (corrupt)")
+        st.record = rec
+    f = CheckpointFile(name, path, "torch-zip", size, u.root, archive, u.globals, u.storages,
+                       _tensors(u))
+    _read_tiny_values(fd, f)
+    return f
+
+
+def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
+    # The pickles come first; read a growing prefix until they parse.
+    limit = 1 << 20
+    while True:
+        data = os.pread(fd, min(size, limit), 0)
+        try:
+            main, meta = read_legacy(path, data, size)
+            break
+        except UnreadableError:
+            if limit >= size:
+                raise
+            limit *= 8
+    f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, main.globals,
+                       main.storages, _tensors(main), extra=meta)
+    _read_tiny_values(fd, f)
+    return f
+
+
+def _unpickle_checked(path: str, data: bytes) -> Unpickled:
+    try:
+        return unpickle(data)
+    except UnreadableError as e:
+        raise UnreadableError(f"{path}: data.pkl: {e}") from None
+
+
+def _tensors(u: Unpickled) -> list[TensorRef]:
+    return [t for t in u.tensors if not t.is_parameter]
+
+
+_STRUCT = {
+    "float32": "f", "float64": "d", "float16": "e", "int8": "b", "uint8": "B", "int16": "h",
+    "int32": "i", "int64": "q", "uint16": "H", "uint32": "I", "uint64": "Q", "bool": "?",
+}
+
+
+def decode_values(raw: bytes, dtype: str) -> list[Any] | None:
+    """Element values of ``raw`` bytes in ``dtype`` (little endian), or None if unsupported."""
+    if dtype == "bfloat16":
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return [struct.unpack("<f", struct.pack("<I", h << 16))[0] for h in halves]
+    if dtype in ("complex64", "complex128"):
+        c = "f" if dtype == "complex64" else "d"
+        parts = struct.unpack(f"<{len(raw) // struct.calcsize(c)}{c}", raw)
+        return [complex(parts[i], parts[i + 1]) for i in range(0, len(parts), 2)]
+    code = _STRUCT.get(dtype)
+    if code is None:
+        return None
+    return list(struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw))
+
+
+def _element_offsets(t: TensorRef) -> list[int]:
+    offs = [t.offset]
+    for n, st in zip(t.shape, t.stride):
+        offs = [o + i * st for o in offs for i in range(n)]
+    return offs
+
+
+def _read_tiny_values(fd: int, f: CheckpointFile) -> None:
+    for t in f.tensors:
+        st = t.storage
+        if st is None or st.record is None or t.numel > TINY_NUMEL or t.numel == 0:
+            continue
+        offs = _element_offsets(t)
+        lo, hi = min(offs), max(offs)
+        size = t.itemsize
+        if (hi + 1) * size > st.record.size:
+            continue
+        raw = os.pread(fd, (hi - lo + 1) * size, st.record.data_offset + lo * size)
+        vals = decode_values(raw, t.dtype)
+        if vals is None:
+            continue
+        picked = [vals[o - lo] for o in offs] if len(offs) > 1 or lo != hi else vals[:1]
+        t.value = picked[0] if t.shape == () else picked
+
+
+def read_tensor_bytes(tensor: Any) -> bytes:
+    """The bytes of the storage span a tensor covers (from its offset to its last element)."""
+    if isinstance(tensor, SafeTensor):
+        rec_path, start, n = tensor.path, tensor.data_offset, tensor.nbytes
+    else:
+        st = tensor.storage
+        if st is None or st.record is None:
+            raise UnreadableError("tensor has no storage record to read")
+        span = 1 + sum((d - 1) * s for d, s in zip(tensor.shape, tensor.stride)) \
+            if tensor.numel else 0
+        rec_path = st.record.path
+        start = st.record.data_offset + tensor.offset * tensor.itemsize
+        n = span * tensor.itemsize
+    with open(rec_path, "rb") as fh:
+        fh.seek(start)
+        raw = fh.read(n)
+    if len(raw) != n:
+        raise UnreadableError(f"{rec_path}: tensor bytes end early (truncated)")
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# folders
+
+def _folder_kind(names: set[str]) -> str:
+    if "trainer_state.json" in names or {"optimizer.pt", "scheduler.pt"} <= names:
+        return "hf-trainer"
+    if "optimizer.bin" in names or any(n.startswith("random_states_") for n in names):
+        return "accelerate"
+    if ".metadata" in names:
+        return "dcp"
+    return "folder"
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint file or folder for reading (metadata only; nothing of it runs)."""
+    p = os.fspath(path)
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise UnreadableError(f"{p}: no such file or folder") from None
+    except PermissionError:
+        raise UnreadableError(f"{p}: permission denied") from None
+    if not stat.S_ISDIR(st.st_mode):
+        return Checkpoint(p, "file", [read_file(p)])
+    names = sorted(os.listdir(p))
+    kind = _folder_kind(set(names))
+    if kind == "dcp":
+        raise UnreadableError(f"{p}: a torch.distributed.checkpoint folder; reading DCP "
+                              "folders is not supported yet")
+    files = []
+    for n in names:
+        fp = os.path.join(p, n)
+        if not n.endswith(_FOLDER_SUFFIXES) or not os.path.isfile(fp):
+            continue
+        files.append(read_file(fp, n, allow_pickle=True))
+    if not any(f.format in ("torch-zip", "torch-legacy", "safetensors") for f in files):
+        raise UnreadableError(f"{p}: a folder with no checkpoint files in it (looked for "
+                              "optimizer.pt / optimizer.bin / *.pt / *.pth / *.safetensors)")
+    return Checkpoint(p, kind, files)

@@ -1,0 +1,1 @@
+"""Reading and writing file formats. Nothing in this package knows about optimizers."""

@@ -1,0 +1,59 @@
+"""The legacy (non-zip) torch.save format: consecutive pickles, then raw storages.
+
+Layout: magic number, protocol version, sys_info, the object, the sorted list of storage keys,
+then per key an 8-byte element count and the storage bytes. Offsets follow from key order and
+sizes, so nothing but the pickles is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import UnreadableError
+from .nodes import Storage
+from .unpickler import Unpickled, unpickle
+
+MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+PROTOCOL_VERSION = 1001
+
+
+@dataclass
+class LegacyRecord:
+    name: str
+    data_offset: int
+    size: int
+    path: str = ""
+
+
+def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict[str, Any]]:
+    """Parse a legacy file whose leading bytes are ``data`` (the pickles; storages follow)."""
+    magic = unpickle(data, 0)
+    if magic.root != MAGIC_NUMBER:
+        raise UnreadableError(f"{path}: a plain pickle, not a torch.save checkpoint")
+    proto = unpickle(data, magic.end)
+    if proto.root != PROTOCOL_VERSION:
+        raise UnreadableError(f"{path}: legacy torch file with unknown protocol {proto.root!r}")
+    info = unpickle(data, proto.end)
+    main = unpickle(data, info.end, legacy=True)
+    keys = unpickle(data, main.end)
+    if not isinstance(keys.root, list) or not all(isinstance(k, str) for k in keys.root):
+        raise UnreadableError(f"{path}: legacy torch file without its storage key list")
+    off = keys.end
+    records: dict[str, LegacyRecord] = {}
+    for key in keys.root:
+        st: Storage | None = main.storages.get(key)
+        if st is None:
+            raise UnreadableError(f"{path}: storage {key} is listed but never used")
+        nbytes = st.nbytes
+        if off + 8 + nbytes > file_size:
+            raise UnreadableError(f"{path}: storage {key} runs past the end of the file "
+                                  "(truncated)")
+        records[key] = LegacyRecord(key, off + 8, nbytes, path)
+        off += 8 + nbytes
+    for key, st in main.storages.items():
+        if key not in records:
+            raise UnreadableError(f"{path}: storage {key} has no bytes in the file")
+        st.record = records[key]
+    meta = {"sys_info": info.root, "end": off}
+    return main, meta

@@ -1,0 +1,230 @@
+"""The values a checkpoint tree holds besides plain Python containers and scalars.
+
+The restricted unpickler (:mod:`ckpttool.formats.unpickler`) never imports or calls anything
+named in a pickle. A global becomes a :class:`Global`; a call of it becomes a :class:`Reduce`
+(kept with its exact arguments so :mod:`ckpttool.formats.pickler` can write it back unchanged);
+a tensor becomes a :class:`TensorRef` that knows shape, dtype, storage and location but not
+its bytes; a storage becomes a :class:`Storage` keyed like the archive's ``data/<key>`` record.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+# element size in bytes of torch dtypes, by the name torch pickles them under
+DTYPE_ITEMSIZE: dict[str, int] = {
+    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2,
+    "complex32": 4, "complex64": 8, "complex128": 16,
+    "int8": 1, "int16": 2, "int32": 4, "int64": 8,
+    "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8, "bool": 1,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
+    "qint8": 1, "quint8": 1, "qint32": 4, "quint4x2": 1, "quint2x4": 1,
+    "bits1x8": 1, "bits2x4": 1, "bits4x2": 1, "bits8": 1, "bits16": 2,
+    **{f"int{i}": 1 for i in range(1, 8)}, **{f"uint{i}": 1 for i in range(1, 8)},
+}
+
+# legacy typed storage classes (``torch FloatStorage``) and the dtype they hold
+STORAGE_DTYPES: dict[str, str] = {
+    "FloatStorage": "float32", "DoubleStorage": "float64", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "QInt8Storage": "qint8", "QUInt8Storage": "quint8",
+    "QInt32Storage": "qint32", "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4",
+}
+
+TENSOR_REBUILDERS = frozenset({
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_tensor_v3",
+})
+PARAMETER_REBUILDERS = frozenset({
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+})
+
+
+class Global:
+    """A ``module.name`` referenced by a pickle. Never imported; ``safety`` classifies it."""
+
+    __slots__ = ("module", "name", "safety")
+
+    def __init__(self, module: str, name: str, safety: str) -> None:
+        self.module = module
+        self.name = name
+        self.safety = safety  # "allowed" (torch weights_only list), "opaque" or "dangerous"
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+    def __repr__(self) -> str:
+        return f"<global {self.qualname}>"
+
+
+class Reduce:
+    """A recorded call ``func(*args)`` (REDUCE, NEWOBJ, INST/OBJ) plus BUILD state and items.
+
+    It is data only: ``func`` is a :class:`Global` (or another node) and is never called.
+    """
+
+    __slots__ = ("func", "args", "kwargs", "kind", "state", "items", "dictitems")
+
+    NO_STATE: Any = object()
+
+    def __init__(self, func: Any, args: tuple[Any, ...], kind: str = "reduce",
+                 kwargs: dict[str, Any] | None = None) -> None:
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        self.kind = kind  # "reduce", "newobj" or "newobj_ex"
+        self.state: Any = Reduce.NO_STATE
+        self.items: list[Any] = []  # APPEND(S) on the object
+        self.dictitems: list[tuple[Any, Any]] = []  # SETITEM(S) on the object
+
+    @property
+    def qualname(self) -> str:
+        return self.func.qualname if isinstance(self.func, Global) else "<call>"
+
+    @property
+    def has_state(self) -> bool:
+        return self.state is not Reduce.NO_STATE
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}(...)>"
+
+
+class Storage:
+    """A storage named by a persistent id ``("storage", type, key, location, numel[, view])``.
+
+    ``pid`` keeps the tuple's elements as read, so writing it back reproduces the pickle.
+    ``record`` is filled by the archive reader: where the bytes lie (or ``None`` if absent).
+    """
+
+    __slots__ = ("pid", "record")
+
+    def __init__(self, pid: tuple[Any, ...]) -> None:
+        self.pid = pid
+        self.record: Any = None
+
+    @property
+    def storage_type(self) -> Any:
+        return self.pid[1]
+
+    @property
+    def key(self) -> str:
+        return str(self.pid[2])
+
+    @property
+    def location(self) -> str:
+        return str(self.pid[3])
+
+    @property
+    def numel(self) -> int:
+        return int(self.pid[4])
+
+    @property
+    def typed_dtype(self) -> str | None:
+        """The dtype of a legacy typed storage (FloatStorage...), None for UntypedStorage."""
+        t = self.storage_type
+        return STORAGE_DTYPES.get(t.name) if isinstance(t, Global) else None
+
+    @property
+    def nbytes(self) -> int:
+        dt = self.typed_dtype
+        return self.numel * DTYPE_ITEMSIZE.get(dt, 1) if dt else self.numel
+
+    def with_location(self, location: str) -> tuple[Any, ...]:
+        return (self.pid[0], self.pid[1], self.pid[2], location, *self.pid[4:])
+
+    def __repr__(self) -> str:
+        return f"<storage {self.key} {self.location} numel={self.numel}>"
+
+
+class TensorRef(Reduce):
+    """A tensor rebuilt by ``torch._utils._rebuild_tensor_v2/v3`` (or a Parameter around one).
+
+    Only metadata: shape, stride, offset, dtype, storage. ``value`` holds the element values of
+    0-d and tiny tensors when the reader read them (``step`` and friends), else ``None``.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, func: Any, args: tuple[Any, ...], kind: str = "reduce") -> None:
+        super().__init__(func, args, kind)
+        self.value: Any = None
+
+    @property
+    def is_parameter(self) -> bool:
+        return self.qualname in PARAMETER_REBUILDERS
+
+    @property
+    def base(self) -> TensorRef:
+        """The plain tensor (a Parameter's data)."""
+        if self.is_parameter:
+            inner = self.args[0]
+            if isinstance(inner, TensorRef):
+                return inner.base
+        return self
+
+    @property
+    def storage(self) -> Storage | None:
+        s = self.base.args[0] if self.base.args else None
+        return s if isinstance(s, Storage) else None
+
+    @property
+    def offset(self) -> int:
+        return int(self.base.args[1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        size = self.base.args[2]
+        if isinstance(size, Reduce):  # torch.Size((...))
+            size = size.args[0] if size.args else ()
+        return tuple(int(x) for x in size)
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        st = self.base.args[3]
+        return tuple(int(x) for x in st) if isinstance(st, (tuple, list)) else ()
+
+    @property
+    def requires_grad(self) -> bool:
+        b = self.base
+        if self.is_parameter and len(self.args) > 1:
+            return bool(self.args[1])
+        return bool(b.args[4]) if len(b.args) > 4 else False
+
+    @property
+    def dtype(self) -> str:
+        b = self.base
+        if b.qualname == "torch._utils._rebuild_tensor_v3" and len(b.args) > 6:
+            dt = b.args[6]
+            return dt.name if isinstance(dt, Global) else str(dt)
+        s = self.storage
+        return (s.typed_dtype if s else None) or "unknown"
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_ITEMSIZE.get(self.dtype, 1)
+
+    @property
+    def device(self) -> str:
+        s = self.storage
+        return s.location if s else "unknown"
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def __repr__(self) -> str:
+        return f"<tensor {self.dtype}{list(self.shape)} {self.device}>"
+
+
+def as_tensor(obj: Any) -> TensorRef | None:
+    """``obj`` if it is a tensor reference (plain or Parameter), else None."""
+    return obj if isinstance(obj, TensorRef) and obj.storage is not None else None

@@ -1,0 +1,726 @@
+"""A restricted pickle interpreter: the only code in ckpttool that reads pickle opcodes.
+
+It executes no code from the pickle. Globals become :class:`~.nodes.Global` records classified
+by :mod:`.safety`; calls become :class:`~.nodes.Reduce` records (or :class:`~.nodes.TensorRef`
+for torch's tensor rebuild functions); persistent ids become :class:`~.nodes.Storage`. A few
+calls of harmless builtins (``OrderedDict()``, ``set([...])``, ``_codecs.encode(s, "latin1")``,
+``bytes()``, ``complex(a, b)``) are evaluated by this module's own code so the tree holds the
+usual Python values. Every opcode of protocols 0-5 is understood except the extension registry
+and out-of-band buffers, which are refused. Bounds: the input size, the stack, and (checked by
+:func:`check_shape`) the nesting depth and the size of the tree once shared references expand.
+"""
+
+from __future__ import annotations
+
+import collections
+import struct
+from typing import Any, Callable
+
+from ..errors import PickleError
+from .nodes import PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce, Storage, TensorRef
+from .safety import classify
+
+MAX_STACK = 1_000_000
+MAX_DEPTH = 400
+MAX_EXPANDED = 20_000_000
+
+
+class _Mark:
+    __slots__ = ()
+
+
+MARK = _Mark()
+
+
+class Unpickled:
+    """The result of reading one pickle: the root object plus what it referenced."""
+
+    def __init__(self, root: Any, end: int, globals_: dict[str, Global],
+                 storages: dict[str, Storage], tensors: list[TensorRef]) -> None:
+        self.root = root
+        self.tensors = tensors  # every tensor node, in pickle order
+        self.end = end  # offset just past STOP
+        self.globals = globals_  # qualname -> Global (first one met)
+        self.storages = storages  # key -> Storage, in the order met
+
+    @property
+    def dangerous(self) -> list[str]:
+        return sorted(q for q, g in self.globals.items() if g.safety == "dangerous")
+
+    @property
+    def opaque(self) -> list[str]:
+        return sorted(q for q, g in self.globals.items() if g.safety == "opaque")
+
+
+def _evaluate_builtin(func: Global, args: tuple[Any, ...]) -> Any:
+    """Our own implementation of a few harmless constructors, or NotImplemented."""
+    q = func.qualname.replace("__builtin__.", "builtins.")
+    if q == "collections.OrderedDict" and args == ():
+        return collections.OrderedDict()
+    if q == "_codecs.encode" and len(args) == 2 and isinstance(args[0], str) \
+            and args[1] in ("latin1", "latin-1"):
+        return args[0].encode("latin-1")
+    if q == "builtins.bytes" and args == ():
+        return b""
+    if q in ("builtins.set", "builtins.frozenset") and len(args) == 1 \
+            and isinstance(args[0], list):
+        try:
+            return set(args[0]) if q == "builtins.set" else frozenset(args[0])
+        except TypeError:  # unhashable members: keep the call as recorded
+            return NotImplemented
+    if q == "builtins.set" and args == ():
+        return set()
+    if q == "builtins.complex" and len(args) == 2 \
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+        return complex(args[0], args[1])
+    if q == "builtins.bytearray" and len(args) == 1 and isinstance(args[0], bytes):
+        return bytearray(args[0])
+    return NotImplemented
+
+
+class _Reader:
+    def __init__(self, data: bytes | memoryview, pos: int, legacy: bool) -> None:
+        self.data = memoryview(data)
+        self.pos = pos
+        self.legacy = legacy
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.globals: dict[str, Global] = {}
+        self.global_nodes: dict[tuple[str, str], Global] = {}
+        self.storages: dict[str, Storage] = {}
+        self.tensors: list[TensorRef] = []
+
+    # -- helpers ---------------------------------------------------------------------------
+    def fail(self, what: str) -> PickleError:
+        return PickleError(f"malformed pickle at byte {self.pos}: {what}")
+
+    def read(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.data):
+            raise self.fail(f"needs {n} more bytes but the pickle ends (truncated or corrupt)")
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def readline(self) -> bytes:
+        data = self.data
+        end = bytes(data[self.pos:self.pos + 65536]).find(b"\n")
+        if end < 0:
+            raise self.fail("line opcode without newline")
+        line = bytes(data[self.pos:self.pos + end])
+        self.pos += end + 1
+        return line
+
+    def push(self, obj: Any) -> None:
+        if len(self.stack) >= MAX_STACK:
+            raise self.fail("stack too deep")
+        self.stack.append(obj)
+
+    def pop(self) -> Any:
+        if not self.stack:
+            raise self.fail("stack underflow")
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise self.fail("stack underflow")
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.metastack:
+            raise self.fail("no MARK on the stack")
+        items = self.stack
+        self.stack = self.metastack.pop()
+        return items
+
+    def make_global(self, module: str, name: str) -> Global:
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise self.fail("global name is not a string")
+        key = (module, name)
+        g = self.global_nodes.get(key)
+        if g is None:
+            g = Global(module, name, classify(module, name))
+            self.global_nodes[key] = g
+            self.globals.setdefault(g.qualname, g)
+        # A fresh node per opcode keeps the pickle's object identity (memo) exact on rewrite.
+        return Global(module, name, g.safety)
+
+    def call(self, func: Any, args: Any, kind: str) -> Any:
+        if not isinstance(args, tuple):
+            raise self.fail("call arguments are not a tuple")
+        if isinstance(func, Global):
+            if kind == "reduce" and func.safety != "dangerous":
+                value = _evaluate_builtin(func, args)
+                if value is not NotImplemented:
+                    return value
+            if func.qualname in TENSOR_REBUILDERS or func.qualname in PARAMETER_REBUILDERS:
+                t = TensorRef(func, args, kind)
+                self.tensors.append(t)
+                return t
+        return Reduce(func, args, kind)
+
+    def persistent(self, pid: Any) -> Any:
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
+                and isinstance(pid[2], str) and isinstance(pid[4], int)):
+            raise self.fail(f"unsupported persistent id {type(pid).__name__}")
+        if pid[4] < 0:
+            raise self.fail("negative storage size")
+        st = self.storages.get(pid[2])
+        if st is None:
+            st = Storage(pid)
+            self.storages[pid[2]] = st
+        return st
+
+    # -- the loop --------------------------------------------------------------------------
+    def load(self) -> Any:
+        dispatch = _DISPATCH
+        data = self.data
+        n = len(data)
+        while True:
+            if self.pos >= n:
+                raise self.fail("pickle ends without STOP (truncated)")
+            op = data[self.pos]
+            self.pos += 1
+            if op == 0x2E:  # STOP
+                return self.pop()
+            handler = dispatch.get(op)
+            if handler is None:
+                raise self.fail(f"unsupported opcode 0x{op:02x}")
+            handler(self)
+
+
+def _op(code: bytes) -> Callable[[Callable[[_Reader], None]], Callable[[_Reader], None]]:
+    def deco(f: Callable[[_Reader], None]) -> Callable[[_Reader], None]:
+        _DISPATCH[code[0]] = f
+        return f
+    return deco
+
+
+_DISPATCH: dict[int, Callable[[_Reader], None]] = {}
+_u8 = struct.Struct("<B").unpack_from
+_u16 = struct.Struct("<H").unpack_from
+_i32 = struct.Struct("<i").unpack_from
+_u32 = struct.Struct("<I").unpack_from
+_u64 = struct.Struct("<Q").unpack_from
+_f64 = struct.Struct(">d").unpack_from
+
+
+@_op(b"\x80")
+def _proto(r: _Reader) -> None:
+    r.read(1)
+
+
+@_op(b"\x95")
+def _frame(r: _Reader) -> None:
+    r.read(8)
+
+
+@_op(b"K")
+def _binint1(r: _Reader) -> None:
+    r.push(r.read(1)[0])
+
+
+@_op(b"M")
+def _binint2(r: _Reader) -> None:
+    r.push(_u16(r.read(2))[0])
+
+
+@_op(b"J")
+def _binint(r: _Reader) -> None:
+    r.push(_i32(r.read(4))[0])
+
+
+@_op(b"I")
+def _int(r: _Reader) -> None:
+    line = r.readline()
+    if line == b"00":
+        r.push(False)
+    elif line == b"01":
+        r.push(True)
+    else:
+        try:
+            r.push(int(line))
+        except ValueError:
+            raise r.fail("bad INT") from None
+
+
+@_op(b"L")
+def _long(r: _Reader) -> None:
+    line = r.readline().rstrip(b"L")
+    if len(line) > 10000:
+        raise r.fail("LONG too long")
+    try:
+        r.push(int(line))
+    except ValueError:
+        raise r.fail("bad LONG") from None
+
+
+@_op(b"\x8a")
+def _long1(r: _Reader) -> None:
+    size = r.read(1)[0]
+    r.push(int.from_bytes(r.read(size), "little", signed=True))
+
+
+@_op(b"\x8b")
+def _long4(r: _Reader) -> None:
+    size = _i32(r.read(4))[0]
+    if size > 100000:
+        raise r.fail("LONG4 too long")
+    r.push(int.from_bytes(r.read(size), "little", signed=True))
+
+
+@_op(b"N")
+def _none(r: _Reader) -> None:
+    r.push(None)
+
+
+@_op(b"\x88")
+def _true(r: _Reader) -> None:
+    r.push(True)
+
+
+@_op(b"\x89")
+def _false(r: _Reader) -> None:
+    r.push(False)
+
+
+@_op(b"F")
+def _float(r: _Reader) -> None:
+    try:
+        r.push(float(r.readline()))
+    except ValueError:
+        raise r.fail("bad FLOAT") from None
+
+
+@_op(b"G")
+def _binfloat(r: _Reader) -> None:
+    r.push(_f64(r.read(8))[0])
+
+
+def _decode(r: _Reader, b: memoryview) -> str:
+    try:
+        return str(b, "utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise r.fail("string is not UTF-8") from None
+
+
+@_op(b"X")
+def _binunicode(r: _Reader) -> None:
+    r.push(_decode(r, r.read(_u32(r.read(4))[0])))
+
+
+@_op(b"\x8c")
+def _short_binunicode(r: _Reader) -> None:
+    r.push(_decode(r, r.read(r.read(1)[0])))
+
+
+@_op(b"\x8d")
+def _binunicode8(r: _Reader) -> None:
+    r.push(_decode(r, r.read(_u64(r.read(8))[0])))
+
+
+@_op(b"V")
+def _unicode(r: _Reader) -> None:
+    r.push(r.readline().decode("raw-unicode-escape"))
+
+
+def _py2_str(b: bytes) -> str:
+    # torch.load unpickles Python 2 strings with encoding="utf-8"
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return b.decode("latin-1")
+
+
+@_op(b"S")
+def _string(r: _Reader) -> None:
+    line = r.readline()
+    if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
+        raise r.fail("bad STRING")
+    import codecs
+    r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
+
+
+@_op(b"T")
+def _binstring(r: _Reader) -> None:
+    size = _i32(r.read(4))[0]
+    r.push(_py2_str(bytes(r.read(size))))
+
+
+@_op(b"U")
+def _short_binstring(r: _Reader) -> None:
+    r.push(_py2_str(bytes(r.read(r.read(1)[0]))))
+
+
+@_op(b"B")
+def _binbytes(r: _Reader) -> None:
+    r.push(bytes(r.read(_u32(r.read(4))[0])))
+
+
+@_op(b"C")
+def _short_binbytes(r: _Reader) -> None:
+    r.push(bytes(r.read(r.read(1)[0])))
+
+
+@_op(b"\x8e")
+def _binbytes8(r: _Reader) -> None:
+    r.push(bytes(r.read(_u64(r.read(8))[0])))
+
+
+@_op(b"\x96")
+def _bytearray8(r: _Reader) -> None:
+    r.push(bytearray(r.read(_u64(r.read(8))[0])))
+
+
+@_op(b")")
+def _empty_tuple(r: _Reader) -> None:
+    r.push(())
+
+
+@_op(b"t")
+def _tuple(r: _Reader) -> None:
+    r.push(tuple(r.pop_mark()))
+
+
+@_op(b"\x85")
+def _tuple1(r: _Reader) -> None:
+    r.push((r.pop(),))
+
+
+@_op(b"\x86")
+def _tuple2(r: _Reader) -> None:
+    b = r.pop()
+    a = r.pop()
+    r.push((a, b))
+
+
+@_op(b"\x87")
+def _tuple3(r: _Reader) -> None:
+    c = r.pop()
+    b = r.pop()
+    a = r.pop()
+    r.push((a, b, c))
+
+
+@_op(b"]")
+def _empty_list(r: _Reader) -> None:
+    r.push([])
+
+
+@_op(b"l")
+def _list(r: _Reader) -> None:
+    r.push(list(r.pop_mark()))
+
+
+@_op(b"}")
+def _empty_dict(r: _Reader) -> None:
+    r.push({})
+
+
+@_op(b"d")
+def _dict(r: _Reader) -> None:
+    items = r.pop_mark()
+    if len(items) % 2:
+        raise r.fail("odd number of items for DICT")
+    d: dict[Any, Any] = {}
+    for i in range(0, len(items), 2):
+        _setitem(r, d, items[i], items[i + 1])
+    r.push(d)
+
+
+@_op(b"\x8f")
+def _empty_set(r: _Reader) -> None:
+    r.push(set())
+
+
+@_op(b"\x91")
+def _frozenset(r: _Reader) -> None:
+    try:
+        r.push(frozenset(r.pop_mark()))
+    except TypeError:
+        raise r.fail("unhashable frozenset member") from None
+
+
+@_op(b"\x90")
+def _additems(r: _Reader) -> None:
+    items = r.pop_mark()
+    s = r.top()
+    if not isinstance(s, set):
+        raise r.fail("ADDITEMS on a non-set")
+    try:
+        s.update(items)
+    except TypeError:
+        raise r.fail("unhashable set member") from None
+
+
+def _append_to(r: _Reader, target: Any, items: list[Any]) -> None:
+    if isinstance(target, list):
+        target.extend(items)
+    elif isinstance(target, Reduce):
+        target.items.extend(items)
+    else:
+        raise r.fail(f"APPEND on a {type(target).__name__}")
+
+
+@_op(b"a")
+def _append(r: _Reader) -> None:
+    v = r.pop()
+    _append_to(r, r.top(), [v])
+
+
+@_op(b"e")
+def _appends(r: _Reader) -> None:
+    items = r.pop_mark()
+    _append_to(r, r.top(), items)
+
+
+def _setitem(r: _Reader, target: Any, k: Any, v: Any) -> None:
+    if isinstance(target, dict):
+        try:
+            target[k] = v
+        except TypeError:
+            raise r.fail(f"unhashable dict key {type(k).__name__}") from None
+    elif isinstance(target, Reduce):
+        target.dictitems.append((k, v))
+    else:
+        raise r.fail(f"SETITEM on a {type(target).__name__}")
+
+
+@_op(b"s")
+def _setitem_op(r: _Reader) -> None:
+    v = r.pop()
+    k = r.pop()
+    _setitem(r, r.top(), k, v)
+
+
+@_op(b"u")
+def _setitems(r: _Reader) -> None:
+    items = r.pop_mark()
+    if len(items) % 2:
+        raise r.fail("odd number of items for SETITEMS")
+    target = r.top()
+    for i in range(0, len(items), 2):
+        _setitem(r, target, items[i], items[i + 1])
+
+
+@_op(b"(")
+def _mark(r: _Reader) -> None:
+    if len(r.metastack) >= MAX_DEPTH * 4:
+        raise r.fail("too many nested MARKs")
+    r.metastack.append(r.stack)
+    r.stack = []
+
+
+@_op(b"0")
+def _pop(r: _Reader) -> None:
+    if r.stack:
+        r.stack.pop()
+    else:
+        r.pop_mark()
+
+
+@_op(b"1")
+def _pop_mark_op(r: _Reader) -> None:
+    r.pop_mark()
+
+
+@_op(b"2")
+def _dup(r: _Reader) -> None:
+    r.push(r.top())
+
+
+def _get(r: _Reader, idx: int) -> None:
+    try:
+        r.push(r.memo[idx])
+    except KeyError:
+        raise r.fail(f"memo key {idx} not found") from None
+
+
+def _put(r: _Reader, idx: int) -> None:
+    if idx < 0:
+        raise r.fail("negative memo key")
+    r.memo[idx] = r.top()
+
+
+@_op(b"g")
+def _get_op(r: _Reader) -> None:
+    try:
+        _get(r, int(r.readline()))
+    except ValueError:
+        raise r.fail("bad GET") from None
+
+
+@_op(b"h")
+def _binget(r: _Reader) -> None:
+    _get(r, r.read(1)[0])
+
+
+@_op(b"j")
+def _long_binget(r: _Reader) -> None:
+    _get(r, _u32(r.read(4))[0])
+
+
+@_op(b"p")
+def _put_op(r: _Reader) -> None:
+    try:
+        _put(r, int(r.readline()))
+    except ValueError:
+        raise r.fail("bad PUT") from None
+
+
+@_op(b"q")
+def _binput(r: _Reader) -> None:
+    _put(r, r.read(1)[0])
+
+
+@_op(b"r")
+def _long_binput(r: _Reader) -> None:
+    _put(r, _u32(r.read(4))[0])
+
+
+@_op(b"\x94")
+def _memoize(r: _Reader) -> None:
+    _put(r, len(r.memo))
+
+
+@_op(b"c")
+def _global(r: _Reader) -> None:
+    module = r.readline().decode("utf-8", "replace")
+    name = r.readline().decode("utf-8", "replace")
+    r.push(r.make_global(module, name))
+
+
+@_op(b"\x93")
+def _stack_global(r: _Reader) -> None:
+    name = r.pop()
+    module = r.pop()
+    r.push(r.make_global(module, name))
+
+
+@_op(b"i")
+def _inst(r: _Reader) -> None:
+    module = r.readline().decode("utf-8", "replace")
+    name = r.readline().decode("utf-8", "replace")
+    args = tuple(r.pop_mark())
+    r.push(r.call(r.make_global(module, name), args, "reduce"))
+
+
+@_op(b"o")
+def _obj(r: _Reader) -> None:
+    items = r.pop_mark()
+    if not items:
+        raise r.fail("OBJ without a class")
+    r.push(r.call(items[0], tuple(items[1:]), "reduce"))
+
+
+@_op(b"R")
+def _reduce(r: _Reader) -> None:
+    args = r.pop()
+    func = r.pop()
+    r.push(r.call(func, args, "reduce"))
+
+
+@_op(b"\x81")
+def _newobj(r: _Reader) -> None:
+    args = r.pop()
+    cls = r.pop()
+    r.push(r.call(cls, args, "newobj"))
+
+
+@_op(b"\x92")
+def _newobj_ex(r: _Reader) -> None:
+    kwargs = r.pop()
+    args = r.pop()
+    cls = r.pop()
+    node = r.call(cls, args, "newobj_ex")
+    if not isinstance(node, Reduce) or not isinstance(kwargs, dict):
+        raise r.fail("bad NEWOBJ_EX")
+    node.kwargs = kwargs
+    r.push(node)
+
+
+@_op(b"b")
+def _build(r: _Reader) -> None:
+    state = r.pop()
+    target = r.top()
+    if isinstance(target, Reduce):
+        target.state = state
+    elif type(target) is collections.OrderedDict and isinstance(state, dict) \
+            and all(isinstance(k, str) and not k.startswith("__") for k in state):
+        # a module state_dict's ``_metadata``: plain attributes, as pickle's default BUILD sets
+        for k, v in state.items():
+            setattr(target, k, v)
+    else:
+        raise r.fail(f"BUILD on a {type(target).__name__}")
+
+
+@_op(b"Q")
+def _binpersid(r: _Reader) -> None:
+    r.push(r.persistent(r.pop()))
+
+
+@_op(b"P")
+def _persid(r: _Reader) -> None:
+    raise r.fail("text persistent ids are not used by torch")
+
+
+def check_shape(root: Any) -> None:
+    """Refuse trees nested deeper than MAX_DEPTH or too large once shared references expand.
+
+    Later walks visit each object once, but a caller rendering a tree naively would otherwise
+    be open to a "billion laughs" made of memo references.
+    """
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, int, bool]] = [(root, 0, False)]
+    while stack:
+        obj, depth, done = stack.pop()
+        oid = id(obj)
+        kids = _children(obj)
+        if kids is None:
+            continue
+        if done:
+            on_path.discard(oid)
+            total = 1 + sum(sizes.get(id(k), 1) for k in kids)
+            if total > MAX_EXPANDED:
+                raise PickleError("pickle expands to more than 20 million objects "
+                                  "through shared references (a memo bomb?)")
+            sizes[oid] = total
+            continue
+        if oid in sizes or oid in on_path:
+            continue
+        if depth > MAX_DEPTH:
+            raise PickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
+        on_path.add(oid)
+        stack.append((obj, depth, True))
+        for k in kids:
+            if _children(k) is not None and id(k) not in sizes:
+                stack.append((k, depth + 1, False))
+
+
+def _children(obj: Any) -> list[Any] | None:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, Reduce):
+        kids = [obj.func, *obj.args, *obj.items]
+        for k, v in obj.dictitems:
+            kids += [k, v]
+        if obj.has_state:
+            kids.append(obj.state)
+        if obj.kwargs:
+            kids.append(obj.kwargs)
+        return kids
+    return None
+
+
+def unpickle(data: bytes | memoryview, pos: int = 0, legacy: bool = False) -> Unpickled:
+    """Interpret the pickle starting at ``data[pos]``; never imports or calls what it names."""
+    r = _Reader(data, pos, legacy)
+    try:
+        root = r.load()
+    except RecursionError:
+        raise PickleError("pickle nests too deeply") from None
+    check_shape(root)
+    return Unpickled(root, r.pos, r.globals, r.storages, r.tensors)
