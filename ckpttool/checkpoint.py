@@ -199,6 +199,16 @@ def _looks_safetensors(head: bytes, size: int) -> bool:
 def read_file(path: str, name: str = "", allow_pickle: bool = False) -> CheckpointFile:
     """Parse one file into a :class:`CheckpointFile`, reading metadata only."""
     try:
+        return _read_file(path, name, allow_pickle)
+    except (struct.error, ValueError, IndexError, KeyError, TypeError, EOFError,
+            OverflowError, UnicodeError, RecursionError, MemoryError) as e:
+        # a malformed file can trip the parsers anywhere; say so instead of a traceback
+        raise UnreadableError(f"{path}: corrupt or not a checkpoint "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
+    try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         raise UnreadableError(f"{path}: no such file or folder") from None

@@ -1,0 +1,197 @@
+"""Finding optimizer, LR scheduler and model states anywhere in a checkpoint tree.
+
+Each state is addressed by a JSON Pointer from the checkpoint's root: ``""`` for a bare
+optimizer file, ``/optimizer``, ``/optimizer_states/1``; in a folder the first segment is the
+file name (``/optimizer.pt``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import knowledge
+from .formats.nodes import TensorRef
+from .formats.safetensors import SafeTensor
+from .tree import walk
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
+
+
+def is_tensor(obj: Any) -> bool:
+    return isinstance(obj, (TensorRef, SafeTensor))
+
+
+@dataclass
+class ParamGroup:
+    """One entry of ``param_groups``."""
+
+    index: int
+    params: list[int]
+    param_names: list[str | None]  # per param: its name when known, else None
+    hyperparameters: dict[str, Any]  # every key but params/param_names, in saved order
+
+
+@dataclass
+class ParamState:
+    """The ``state`` entry of one parameter."""
+
+    param: int
+    name: str | None
+    group: int | None  # index of the group listing this id, None if no group does
+    entries: dict[str, Any]
+
+
+@dataclass
+class OptimizerState:
+    """An optimizer ``state_dict`` found in a checkpoint."""
+
+    pointer: str
+    raw: dict[str, Any]
+    guess: knowledge.OptimizerGuess
+    groups: list[ParamGroup]
+    state: list[ParamState]
+    names_source: str | None = None  # where the names come from, when there are names
+    names_note: str | None = None  # why there are no names (or only some)
+
+    @property
+    def type(self) -> str:
+        return self.guess.type
+
+    @property
+    def param_ids(self) -> list[int]:
+        return [p for g in self.groups for p in g.params]
+
+    def group_of(self, param: int) -> int | None:
+        for g in self.groups:
+            if param in g.params:
+                return g.index
+        return None
+
+
+@dataclass
+class SchedulerState:
+    """An LR scheduler ``state_dict`` (its ``__dict__`` without the optimizer)."""
+
+    pointer: str
+    type: str
+    raw: dict[str, Any]
+
+    @property
+    def last_epoch(self) -> Any:
+        return self.raw.get("last_epoch")
+
+    @property
+    def base_lrs(self) -> Any:
+        return self.raw.get("base_lrs")
+
+    @property
+    def last_lr(self) -> Any:
+        return self.raw.get("_last_lr")
+
+
+@dataclass
+class ModelState:
+    """A model ``state_dict``: names to tensors."""
+
+    pointer: str
+    tensors: dict[str, Any]
+    ordered: bool = True  # False when the file sorts names (safetensors), so order is not module order
+
+    @property
+    def elements(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        return dict(Counter(t.dtype for t in self.tensors.values()))
+
+
+@dataclass
+class Found:
+    optimizers: list[OptimizerState] = field(default_factory=list)
+    schedulers: list[SchedulerState] = field(default_factory=list)
+    models: list[ModelState] = field(default_factory=list)
+
+
+def is_optimizer_state(obj: Any) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("state"), dict)
+            and isinstance(obj.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                    for g in obj["param_groups"]))
+
+
+def is_model_state(obj: Any) -> bool:
+    return (isinstance(obj, dict) and len(obj) > 0
+            and all(isinstance(k, str) for k in obj) and all(is_tensor(v) for v in obj.values()))
+
+
+def _scheduler_type(obj: Any) -> str | None:
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        return None
+    if not knowledge.looks_like_scheduler(obj.keys()):
+        return None
+    return knowledge.infer_scheduler(obj.keys())
+
+
+def optimizer_from_raw(pointer: str, raw: dict[str, Any]) -> OptimizerState:
+    groups = []
+    group_keys: set[str] = set()
+    for i, g in enumerate(raw["param_groups"]):
+        hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        group_keys.update(g.keys())
+        names = g.get("param_names")
+        pn: list[str | None] = list(names) if isinstance(names, list) \
+            and len(names) == len(g["params"]) else [None] * len(g["params"])
+        groups.append(ParamGroup(i, list(g["params"]), pn, hp))
+    state_keys: set[str] = set()
+    states = []
+    for pid, entries in raw["state"].items():
+        ent = entries if isinstance(entries, dict) else {"<value>": entries}
+        state_keys.update(str(k) for k in ent)
+        states.append(ParamState(pid, None, None, ent))
+    first = raw["param_groups"][0] if raw["param_groups"] else {}
+    guess = knowledge.infer_optimizer(group_keys, state_keys, first)
+    opt = OptimizerState(pointer, raw, guess, groups, states)
+    for s in states:
+        s.group = opt.group_of(s.param)
+    if groups and all(any(n is not None for n in g.param_names) for g in groups):
+        opt.names_source = "param_names"
+    return opt
+
+
+def locate(ckpt: Checkpoint) -> Found:
+    """Find every optimizer, scheduler and model state in ``ckpt``."""
+    found = Found()
+    claimed: set[int] = set()
+    for ptr, obj in walk(ckpt.root):
+        if id(obj) in claimed:
+            continue
+        if is_optimizer_state(obj):
+            found.optimizers.append(optimizer_from_raw(ptr, obj))
+            _claim(obj, claimed)
+            continue
+        stype = _scheduler_type(obj)
+        if stype is not None:
+            found.schedulers.append(SchedulerState(ptr, stype, obj))
+            _claim(obj, claimed)
+            continue
+        if is_model_state(obj):
+            fmt = ckpt.file_for(ptr).format if ckpt.is_folder else ckpt.files[0].format
+            found.models.append(ModelState(ptr, obj, ordered=fmt != "safetensors"))
+            _claim(obj, claimed)
+    from .names import attach_names
+    for opt in found.optimizers:
+        attach_names(opt, found.models)
+    return found
+
+
+def _claim(obj: Any, claimed: set[int]) -> None:
+    for _, sub in walk(obj):
+        claimed.add(id(sub))

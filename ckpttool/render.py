@@ -1,0 +1,272 @@
+"""Turning a Checkpoint into the ``show`` JSON document and text tables. No logic of its own.
+
+JSON values: tensors become ``{"shape", "dtype", "device"}`` (plus ``"value"`` when the reader
+read it), tuples become lists, non-finite floats the strings ``"inf"``, ``"-inf"``, ``"nan"``,
+bytes ``{"bytes": N}``, opaque objects ``{"opaque": "module.name", "args": [...]}`` (plus
+``"state"`` when it has one), globals ``{"global": "module.name"}``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tabulate import tabulate
+
+from .checkpoint import Checkpoint
+from .formats.nodes import Global, Reduce, Storage, TensorRef
+from .formats.safetensors import SafeTensor
+from .locate import ModelState, OptimizerState, SchedulerState
+
+SCHEMA_VERSION = 1
+DEFAULT_ROWS = 20
+
+
+def tensor_json(t: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"shape": list(t.shape), "dtype": t.dtype, "device": t.device}
+    if t.value is not None:
+        d["value"] = to_json(t.value)
+    return d
+
+
+def to_json(v: Any, depth: int = 0) -> Any:
+    """A JSON-ready copy of a tree value (see the module docstring)."""
+    if depth > 50:
+        return "..."
+    if v is None or isinstance(v, (bool, str, int)):
+        return v
+    if isinstance(v, float):
+        if math.isfinite(v):
+            return v
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, (TensorRef, SafeTensor)):
+        return tensor_json(v)
+    if isinstance(v, dict):
+        return {str(k): to_json(x, depth + 1) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [to_json(x, depth + 1) for x in v]
+    if isinstance(v, (set, frozenset)):
+        return sorted((to_json(x, depth + 1) for x in v), key=repr)
+    if isinstance(v, complex):
+        return [v.real, v.imag]
+    if isinstance(v, (bytes, bytearray)):
+        return {"bytes": len(v)}
+    if isinstance(v, Global):
+        return {"global": v.qualname}
+    if isinstance(v, Storage):
+        return {"storage": v.key, "device": v.location}
+    if isinstance(v, Reduce):
+        d: dict[str, Any] = {"opaque": v.qualname, "args": to_json(list(v.args), depth + 1)}
+        if v.has_state:
+            d["state"] = to_json(v.state, depth + 1)
+        if v.items:
+            d["items"] = to_json(v.items, depth + 1)
+        if v.dictitems:
+            d["dictitems"] = to_json([list(kv) for kv in v.dictitems], depth + 1)
+        return d
+    return repr(v)
+
+
+def optimizer_json(opt: OptimizerState, stats: dict[int, dict[str, Any]] | None = None
+                   ) -> dict[str, Any]:
+    state = []
+    for s in opt.state:
+        entries = {str(k): to_json(v) for k, v in s.entries.items()}
+        if stats:
+            for k, v in s.entries.items():
+                st = stats.get(id(v))
+                if st is not None:
+                    entries[str(k)]["stats"] = st
+        state.append({"param": s.param, "name": s.name, "group": s.group, "entries": entries})
+    return {
+        "pointer": opt.pointer,
+        "type": opt.type,
+        "type_candidates": list(opt.guess.candidates),
+        "type_reason": opt.guess.reason,
+        "names_source": opt.names_source,
+        "names_note": opt.names_note,
+        "param_groups": [{"index": g.index, "params": g.params, "param_names": g.param_names,
+                          "hyperparameters": to_json(g.hyperparameters)} for g in opt.groups],
+        "state": state,
+    }
+
+
+def scheduler_json(s: SchedulerState) -> dict[str, Any]:
+    return {"pointer": s.pointer, "type": s.type, "state": to_json(s.raw)}
+
+
+def model_json(m: ModelState) -> dict[str, Any]:
+    return {"pointer": m.pointer, "tensors": len(m.tensors), "elements": m.elements,
+            "bytes": m.nbytes, "dtypes": m.dtypes}
+
+
+def summary(v: Any) -> str:
+    """A short description of a top-level value, such as ``3`` or ``model (4 tensors)``."""
+    from .locate import is_model_state, is_optimizer_state
+    if isinstance(v, (TensorRef, SafeTensor)):
+        val = f" = {fmt(v.value)}" if v.value is not None else ""
+        return f"tensor {v.dtype}{list(v.shape)}{val}"
+    if is_optimizer_state(v):
+        return f"optimizer state ({len(v['param_groups'])} groups, {len(v['state'])} params with state)"
+    if is_model_state(v):
+        return f"model state ({len(v)} tensors)"
+    if isinstance(v, dict):
+        keys = ", ".join(str(k) for k in list(v)[:4])
+        return f"dict of {len(v)} ({keys}{', ...' if len(v) > 4 else ''})"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__} of {len(v)}"
+    if isinstance(v, Reduce):
+        return f"{v.qualname} (opaque)"
+    return fmt(v)
+
+
+def top_level(ckpt: Checkpoint) -> dict[str, str]:
+    root = ckpt.root
+    if ckpt.is_folder:
+        return {f.name: f"{f.format}, {f.size} bytes" for f in ckpt.files}
+    if isinstance(root, dict) and all(isinstance(k, str) for k in root):
+        return {k: summary(v) for k, v in root.items()}
+    return {}
+
+
+def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
+              ) -> dict[str, Any]:
+    """The ``show --json`` document (schema version 1, documented in the README)."""
+    opts = [ckpt.optimizer(pointer)] if pointer is not None else ckpt.optimizers
+    tensor_stats = compute_stats(ckpt, opts) if stats else None
+    return {
+        "schema": SCHEMA_VERSION,
+        "path": ckpt.path,
+        "format": ckpt.format,
+        "size": ckpt.size,
+        "files": [{"name": f.name, "format": f.format, "size": f.size} for f in ckpt.files]
+        if ckpt.is_folder else [],
+        "unsafe": ckpt.unsafe,
+        "unsafe_globals": ckpt.unsafe_globals,
+        "opaque_globals": ckpt.opaque_globals,
+        "top_level": top_level(ckpt),
+        "optimizers": [optimizer_json(o, tensor_stats) for o in opts],
+        "schedulers": [scheduler_json(s) for s in ckpt.schedulers],
+        "models": [model_json(m) for m in ckpt.models],
+    }
+
+
+def compute_stats(ckpt: Checkpoint, opts: list[OptimizerState]) -> dict[int, dict[str, Any]]:
+    from .stats import tensor_stats
+    out: dict[int, dict[str, Any]] = {}
+    for o in opts:
+        for s in o.state:
+            for v in s.entries.values():
+                if isinstance(v, TensorRef) and id(v) not in out:
+                    out[id(v)] = tensor_stats(v)
+    return out
+
+
+# ------------------------------------------------------------------------------ text
+
+def fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (TensorRef, SafeTensor)):
+        return f"tensor({fmt(v.value)})" if v.value is not None else repr(v)
+    if isinstance(v, (list, tuple)):
+        inner = ", ".join(fmt(x) for x in list(v)[:6])
+        more = ", ..." if len(v) > 6 else ""
+        return f"({inner}{more})" if isinstance(v, tuple) else f"[{inner}{more}]"
+    if isinstance(v, Reduce):
+        return f"<{v.qualname}>"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in list(v.items())[:4]) + \
+            (", ...}" if len(v) > 4 else "}")
+    return str(v)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = False,
+              stats: bool = False) -> str:
+    """The ``show`` text report."""
+    lines = [f"file:    {ckpt.path}", f"format:  {ckpt.format}",
+             f"size:    {_human(ckpt.size)} ({ckpt.size} bytes)"]
+    tl = top_level(ckpt)
+    if tl:
+        lines.append("files:" if ckpt.is_folder else "keys:")
+        width = max(len(k) for k in tl)
+        lines += [f"  {k:<{width}}  {v}" for k, v in tl.items()]
+    if ckpt.unsafe:
+        lines.append("UNSAFE: this file calls code on load (" + ", ".join(ckpt.unsafe_globals)
+                     + "). Do not torch.load it with weights_only=False; ckpttool will not "
+                     "write from it.")
+    if ckpt.opaque_globals:
+        lines.append("opaque objects (kept as data, never imported): "
+                     + ", ".join(ckpt.opaque_globals))
+    opts = [ckpt.optimizer(pointer)] if pointer is not None else ckpt.optimizers
+    tstats = compute_stats(ckpt, opts) if stats else {}
+    for o in opts:
+        lines += ["", *_optimizer_text(o, show_all, tstats)]
+    for s in ckpt.schedulers if pointer is None else []:
+        lines += ["", f"scheduler {s.pointer or '(root)'}: {s.type}",
+                  f"  last_epoch={fmt(s.last_epoch)}  base_lrs={fmt(s.base_lrs)}  "
+                  f"last_lr={fmt(s.last_lr)}"]
+    if ckpt.models and pointer is None:
+        rows = [[m.pointer or "(root)", len(m.tensors), f"{m.elements:,}", _human(m.nbytes),
+                 ", ".join(f"{k} x{n}" for k, n in m.dtypes.items())] for m in ckpt.models]
+        lines += ["", "models:", tabulate(rows, ["pointer", "tensors", "elements", "bytes",
+                                                 "dtypes"])]
+    if not (ckpt.optimizers or ckpt.schedulers or ckpt.models):
+        lines += ["", "no optimizer, scheduler or model state found"]
+    return "\n".join(lines)
+
+
+def _optimizer_text(o: OptimizerState, show_all: bool, tstats: dict[int, dict[str, Any]]
+                    ) -> list[str]:
+    head = f"optimizer {o.pointer or '(root)'}: {o.type}"
+    if o.guess.candidates and len(o.guess.candidates) > 1:
+        head += f" (or {', '.join(c for c in o.guess.candidates if c != o.type)})"
+    if o.type == "unknown":
+        head += f" - {o.guess.reason}"
+    lines = [head]
+    keys: list[str] = []
+    for g in o.groups:
+        keys += [k for k in g.hyperparameters if k not in keys]
+    rows = [[g.index, len(g.params), *(fmt(g.hyperparameters.get(k, "")) for k in keys)]
+            for g in o.groups]
+    lines += ["param groups:", _indent(tabulate(rows, ["group", "params", *keys]))]
+    names = (f"names from {o.names_source}" if o.names_source
+             else f"no names: {o.names_note}")
+    lines.append(f"state: {len(o.state)} of {len(o.param_ids)} params have state; {names}")
+    shown = o.state if show_all else o.state[:DEFAULT_ROWS]
+    srows = []
+    for s in shown:
+        tensors = [v for v in s.entries.values() if isinstance(v, (TensorRef, SafeTensor))]
+        big = max(tensors, key=lambda t: t.numel, default=None)
+        step = s.entries.get("step")
+        row = [s.param, s.name or "", list(big.shape) if big else "", big.dtype if big else "",
+               big.device if big else "", ", ".join(str(k) for k in s.entries),
+               fmt(step.value if isinstance(step, TensorRef) else step) if step is not None
+               else ""]
+        if tstats:
+            st = tstats.get(id(big)) if big is not None else None
+            row += [fmt(st["norm"]) if st else "", fmt(st["min"]) if st else "",
+                    fmt(st["max"]) if st else "", fmt(st["mean"]) if st else "",
+                    st["nan"] + st["inf"] if st else ""]
+        srows.append(row)
+    if srows:
+        hdr = ["id", "name", "shape", "dtype", "device", "state", "step"]
+        if tstats:
+            hdr += ["norm", "min", "max", "mean", "nan+inf"]
+        lines.append(_indent(tabulate(srows, hdr)))
+    if len(shown) < len(o.state):
+        lines.append(f"  ... {len(o.state) - len(shown)} more params; use --all to see all")
+    return lines
+
+
+def _indent(s: str) -> str:
+    return "\n".join("  " + line for line in s.splitlines())
