@@ -328,6 +328,14 @@ def _element_offsets(t: TensorRef) -> list[int]:
     return offs
 
 
+def _nest(flat: list[Any], shape: tuple[int, ...]) -> list[Any]:
+    """``flat`` (row-major) as nested lists of ``shape``, like ``Tensor.tolist()``."""
+    if len(shape) <= 1:
+        return flat
+    step = len(flat) // shape[0] if shape[0] else 0
+    return [_nest(flat[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
 def _read_tiny_values(fd: int, f: CheckpointFile) -> None:
     for t in f.tensors:
         st = t.storage
@@ -342,8 +350,8 @@ def _read_tiny_values(fd: int, f: CheckpointFile) -> None:
         vals = decode_values(raw, t.dtype)
         if vals is None:
             continue
-        picked = [vals[o - lo] for o in offs] if len(offs) > 1 or lo != hi else vals[:1]
-        t.value = picked[0] if t.shape == () else picked
+        picked = [vals[o - lo] for o in offs]
+        t.value = picked[0] if t.shape == () else _nest(picked, t.shape)
 
 
 def read_tensor_bytes(tensor: Any) -> bytes:

@@ -57,6 +57,8 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...]) -> Any:
     q = func.qualname.replace("__builtin__.", "builtins.")
     if q == "collections.OrderedDict" and args == ():
         return collections.OrderedDict()
+    if q == "collections.Counter" and (args == () or (len(args) == 1 and isinstance(args[0], dict))):
+        return collections.Counter(*args)
     if q == "_codecs.encode" and len(args) == 2 and isinstance(args[0], str) \
             and args[1] in ("latin1", "latin-1"):
         return args[0].encode("latin-1")
