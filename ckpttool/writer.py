@@ -1,0 +1,388 @@
+"""The crash-safe save: write a (possibly edited) checkpoint tree back as a torch.save file.
+
+:func:`write_file` never modifies the target in place. It writes a temp file in the target's
+directory, fsyncs it, re-reads it with ckpttool's own reader and checks it against what was
+meant to be written, and only then ``os.replace``\\ s it onto the target and fsyncs the
+directory. On any error (including KeyboardInterrupt) the temp file is removed and the target
+is byte-identical to before. A reader sees either the old file or the complete new one.
+
+Decisions:
+
+* Output format: always the torch zip format (``torch.save``'s default). A legacy (non-zip)
+  input is converted; :attr:`WriteResult.converted_from` says so.
+* Unchanged storages are copied from the source file by the kernel (``os.copy_file_range``),
+  with the CRC32 taken from the source's central directory when it is non-zero (the bytes are
+  copied verbatim, so the output claims exactly what the source claimed: a corrupt source
+  stays detectably corrupt instead of getting a fresh CRC that blesses the damage). A zero
+  CRC on a non-empty record (torch saved with CRC computation off) and every legacy storage
+  are copied through user space with the CRC computed. ``verify_crc=True`` checks every
+  copied record against its source CRC (slower: every byte passes through user space).
+* If the edited tree pickles exactly like the source's own data.pkl does once re-read (the
+  edit did not touch the pickle), the source's data.pkl bytes are kept verbatim, so a no-op
+  rewrite is byte-identical even where a re-pickle could not be (see
+  :mod:`ckpttool.formats.pickler` for those corner cases).
+* Storage keys are renumbered ``"0"``, ``"1"``, ... in first-use order (what torch.save does;
+  the identity for an unchanged torch file), and the ``data/<key>`` records are written in
+  that order, which ``torch.load(mmap=True, calculate_storage_offsets=True)`` relies on.
+* A symlink target: the file the link points to is replaced (the link is resolved) and the
+  link itself is left alone, so ``latest.pt -> run3/epoch10.pt`` keeps pointing at the edited
+  file. The temp file is made next to the resolved file (same filesystem, atomic rename).
+* ``backup=True``: ``PATH.bak`` is made a hard link to the original before the replace
+  (atomically replacing an older ``.bak``); no data is copied and the old inode survives the
+  replace. Where hard links are not possible it falls back to a copy (written to a temp file,
+  fsynced and renamed into place).
+* The replaced file's permission bits (and, when allowed, owner and group) are kept; a new
+  file gets ``0666 & ~umask`` like ``torch.save``'s ``open()``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+from .checkpoint import CheckpointFile, read_file
+from .errors import CkptError, UnreadableError, UnsafeCheckpointError
+from .formats.nodes import Storage
+from .formats.pickler import dumps, zip_pid_renumbering
+from .formats.torchzip import read_record
+from .formats.torchzip_write import (DEFAULT_ALIGNMENT, Payload, Progress, WrittenRecord,
+                                     write_archive)
+from .formats.unpickler import unpickle
+
+TMP_SUFFIX = ".ckpttool-tmp"
+
+NewRecord = bytes | bytearray | memoryview | Payload | tuple[int, Iterable[bytes]]
+
+
+@dataclass
+class WriteResult:
+    path: str  # the file written (symlinks resolved)
+    format: str  # always "torch-zip"
+    size: int
+    converted_from: str | None = None  # "torch-legacy" when a legacy file was converted
+    backup_path: str | None = None
+    pickle_reused: bool = False  # the source's data.pkl bytes were kept verbatim
+    records: list[WrittenRecord] = field(default_factory=list)
+
+    @property
+    def message(self) -> str:
+        msg = f"wrote {self.path} ({self.size} bytes)"
+        if self.converted_from == "torch-legacy":
+            msg += ("; the input was in the legacy (non-zip) torch.save format and was "
+                    "written in the zip format torch.save uses since torch 1.6")
+        if self.backup_path:
+            msg += f"; the original is kept as {self.backup_path}"
+        return msg
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(dfd)
+
+
+def _as_payload(key: str, value: Any) -> Payload:
+    if isinstance(value, Payload):
+        return value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        p = Payload.from_bytes(value)
+    elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], int):
+        p = Payload.from_chunks(value[0], value[1])
+    else:
+        raise CkptError(f"new bytes for storage {key}: expected bytes, a Payload or "
+                        f"(size, chunks), got {type(value).__name__}")
+    p.src_name = p.src_name or f"data/{key}"
+    return p
+
+
+def _lookup(mapping: dict[Any, Any] | None, st: Storage) -> Any:
+    if not mapping:
+        return None
+    v = mapping.get(st)  # type: ignore[call-overload]
+    return mapping.get(st.key) if v is None else v
+
+
+def _storage_pid_hook(locations: dict[Any, str] | None) -> Callable[[Storage], tuple[Any, ...]]:
+    renumber = zip_pid_renumbering()
+
+    def hook(st: Storage) -> tuple[Any, ...]:
+        pid = renumber(st)
+        loc = _lookup(locations, st)
+        if loc is not None and loc != pid[3]:
+            pid = (pid[0], pid[1], pid[2], str(loc), pid[4])
+        return pid
+
+    return hook
+
+
+def _check_target(source: CheckpointFile, out_path: str | None,
+                  force: bool) -> tuple[str, bool, os.stat_result | None]:
+    """(resolved target path, target is the source file, stat of the existing target)."""
+    target = os.path.realpath(out_path if out_path is not None else source.path)
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise CkptError(f"{out_path}: is a folder; give a file name to write to")
+    try:
+        is_source = st is not None and os.path.samefile(target, source.path)
+    except OSError:
+        is_source = False
+    if st is not None and not is_source and not force:
+        raise CkptError(f"{out_path}: already exists; use --force to overwrite it")
+    if not os.path.isdir(os.path.dirname(target) or "."):
+        raise CkptError(f"{out_path}: the folder {os.path.dirname(target)} does not exist")
+    return target, is_source, st
+
+
+def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: list[Storage],
+                    new_records: dict[Any, Any] | None) -> tuple[list[tuple[str, Payload]], int]:
+    """The archive's records in torch's order, and the storage alignment."""
+    data: list[tuple[str, Payload]] = []
+    for i, st in enumerate(order):
+        key = str(i)
+        new = _lookup(new_records, st)
+        if new is not None:
+            p = _as_payload(st.key, new)
+        elif st.record is None:
+            raise CkptError(f"storage {st.key} has no bytes: it is new in the edited tree, "
+                            "so its bytes must be given in new_records")
+        else:
+            rec = st.record
+            crc = getattr(rec, "crc", None)
+            if crc == 0 and rec.size:
+                crc = None  # saved with CRC computation off: compute it
+            if getattr(rec, "method", 0) != 0:
+                raise CkptError(f"{source.path}: storage record data/{st.key} is compressed; "
+                                "torch never writes that and ckpttool does not rewrite it")
+            p = Payload.from_file(fd, rec.data_offset, rec.size, crc,
+                                  name=f"{source.path}: data/{st.key}")
+        data.append((f"data/{key}", p))
+
+    if source.format == "torch-legacy":
+        info = source.extra.get("sys_info")
+        if isinstance(info, dict) and info.get("little_endian") is False:
+            raise CkptError(f"{source.path}: a big-endian legacy checkpoint; converting it is "
+                            "not supported")
+        serial = "".join(str(b % 10) for b in os.urandom(40))
+        return ([("data.pkl", Payload.from_bytes(data_pkl)),
+                 (".format_version", Payload.from_bytes(b"1")),
+                 (".storage_alignment", Payload.from_bytes(b"64")),
+                 ("byteorder", Payload.from_bytes(b"little")),
+                 *data,
+                 ("version", Payload.from_bytes(b"3\n")),
+                 (".data/serialization_id", Payload.from_bytes(serial.encode()))],
+                DEFAULT_ALIGNMENT)
+
+    assert source.archive is not None
+    alignment = DEFAULT_ALIGNMENT
+    out: list[tuple[str, Payload]] = []
+    inserted = False
+    for name, rec in source.archive.records.items():
+        if name == "data.pkl":
+            out.append((name, Payload.from_bytes(data_pkl)))
+            continue
+        if name.startswith("data/"):
+            if not inserted:
+                out.extend(data)
+                inserted = True
+            continue
+        if not inserted and name in ("version", ".data/serialization_id"):
+            out.extend(data)
+            inserted = True
+        if rec.method != 0:
+            raw = read_record(source.path, fd, rec)
+            out.append((name, Payload.from_bytes(raw)))
+        else:
+            crc = None if (rec.crc == 0 and rec.size) else rec.crc
+            out.append((name, Payload.from_file(fd, rec.data_offset, rec.size, crc,
+                                                name=f"{source.path}: {name}")))
+        if name == ".storage_alignment":
+            try:
+                alignment = int(read_record(source.path, fd, rec, limit=64))
+            except ValueError:
+                raise UnreadableError(f"{source.path}: .storage_alignment is not a number") \
+                    from None
+            if alignment <= 0 or alignment > 1 << 16 or alignment & (alignment - 1):
+                raise UnreadableError(f"{source.path}: unusable .storage_alignment "
+                                      f"{alignment}")
+    if not inserted:
+        out.extend(data)
+    return out, alignment
+
+
+def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = None, *,
+               new_records: dict[Any, NewRecord] | None = None,
+               storage_locations: dict[Any, str] | None = None,
+               force: bool = False, backup: bool = False,
+               progress: Progress | None = None,
+               verify_crc: bool = False) -> WriteResult:
+    """Write ``root`` (default: ``source.root``) as a torch.save zip file, crash-safely.
+
+    ``source``: the file the tree was read from (where unchanged tensor bytes are copied
+    from). ``out_path``: default the source itself (edit in place); an existing other file is
+    refused unless ``force``. ``new_records``: new bytes for storages, keyed by the
+    :class:`Storage` object or its key as read (bytes, a :class:`Payload` or ``(size,
+    chunks)``); a storage that is new in the tree must be given here. ``storage_locations``:
+    a new location string (``"cpu"``, ``"cuda:0"``) by Storage or key. ``progress(done,
+    total)`` is called as payload bytes are written. Returns a :class:`WriteResult`.
+    """
+    if source.unsafe_globals:
+        raise UnsafeCheckpointError(
+            f"{source.path}: refusing to write from an unsafe checkpoint: it references "
+            f"{', '.join(source.unsafe_globals)}, which would run code when loaded. Nothing "
+            "was written.")
+    if source.format not in ("torch-zip", "torch-legacy"):
+        raise CkptError(f"{source.path}: writing {source.format} files is not supported "
+                        "(only torch.save files)")
+    if root is None:
+        root = source.root
+    target, is_source, target_st = _check_target(source, out_path, force)
+
+    fd = os.open(source.path, os.O_RDONLY)
+    tmp: str | None = None
+    try:
+        if os.fstat(fd).st_size != source.size:
+            raise CkptError(f"{source.path}: the file changed since it was read; open it "
+                            "again and redo the edit")
+        # -- the pickle ----------------------------------------------------------------------
+        if source.format == "torch-zip":
+            assert source.archive is not None
+            src_pkl = read_record(source.path, fd, source.archive.records["data.pkl"])
+            protocol = src_pkl[1] if src_pkl[:1] == b"\x80" else 2
+        else:
+            src_pkl, protocol = b"", 2
+        order: list[Storage] = []
+        try:
+            canon = dumps(root, protocol=protocol,
+                          storage_pid=_storage_pid_hook(storage_locations),
+                          storage_order=order)
+        except (ValueError, TypeError, AttributeError, RecursionError) as e:
+            raise CkptError(f"cannot write the edited tree as a pickle: {e}") from e
+        data_pkl = canon
+        reused = False
+        if src_pkl:
+            fresh = unpickle(src_pkl).root
+            if dumps(fresh, protocol=protocol,
+                     storage_pid=_storage_pid_hook(storage_locations)) == canon:
+                data_pkl, reused = src_pkl, True
+        records, alignment = _source_records(source, fd, data_pkl, order, new_records)
+
+        # -- the temp file -------------------------------------------------------------------
+        directory = os.path.dirname(target)
+        tfd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
+                                    suffix=TMP_SUFFIX, dir=directory)
+        try:
+            prefix = source.archive.prefix if source.archive is not None else \
+                (os.path.splitext(os.path.basename(target))[0] or "archive")
+            written = write_archive(tfd, prefix, records, alignment=alignment,
+                                    progress=progress, verify_crc=verify_crc)
+            if target_st is not None:
+                os.fchmod(tfd, stat.S_IMODE(target_st.st_mode))
+                try:
+                    os.fchown(tfd, target_st.st_uid, target_st.st_gid)
+                except OSError:
+                    pass
+            else:
+                os.fchmod(tfd, 0o666 & ~_umask())
+            os.fsync(tfd)
+        finally:
+            os.close(tfd)
+
+        # -- verify --------------------------------------------------------------------------
+        _verify(tmp, written, data_pkl, canon, protocol)
+
+        # -- backup, replace -----------------------------------------------------------------
+        backup_path = None
+        if backup and target_st is not None:
+            backup_path = _make_backup(target)
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_dir(directory)
+        size = os.stat(target).st_size
+    except OSError as e:
+        raise CkptError(f"{out_path or source.path}: could not write the checkpoint "
+                        f"({e.strerror or e}); the original file is unchanged") from e
+    finally:
+        os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return WriteResult(target, "torch-zip", size,
+                       "torch-legacy" if source.format == "torch-legacy" else None,
+                       backup_path, reused, written)
+
+
+def _verify(tmp: str, written: list[WrittenRecord], data_pkl: bytes, canon: bytes,
+            protocol: int) -> None:
+    """Re-read the temp file with ckpttool's reader and compare it with what was meant."""
+    try:
+        f = read_file(tmp)
+    except UnreadableError as e:
+        raise CkptError(f"the new file did not read back ({e}); nothing was replaced") from e
+    if f.format != "torch-zip" or f.archive is None:
+        raise CkptError("the new file did not read back as a torch zip file; nothing was "
+                        "replaced")
+    got = [(r.name, r.data_offset, r.size, r.crc, r.method) for r in f.archive.records.values()]
+    want = [(r.name, r.data_offset, r.size, r.crc, 0) for r in written]
+    if got != want:
+        raise CkptError("the new file's records differ from what was written (sizes, "
+                        "offsets or CRCs); nothing was replaced")
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        back = read_record(tmp, fd, f.archive.records["data.pkl"])
+    finally:
+        os.close(fd)
+    if back != data_pkl or dumps(f.root, protocol=protocol) != canon:
+        raise CkptError("the new file's data.pkl does not read back to the tree that was "
+                        "written; nothing was replaced")
+
+
+def _make_backup(target: str) -> str:
+    bak = target + ".bak"
+    directory = os.path.dirname(target)
+    tmp_link = os.path.join(directory, f".{os.path.basename(bak)}.{secrets.token_hex(6)}"
+                                       f"{TMP_SUFFIX}")
+    try:
+        try:
+            os.link(target, tmp_link)
+        except OSError:
+            # no hard links here: copy, fsync, then rename into place
+            with open(target, "rb") as src, open(tmp_link, "xb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            shutil.copystat(target, tmp_link)
+        os.replace(tmp_link, bak)
+    except BaseException:
+        try:
+            os.unlink(tmp_link)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(directory)
+    return bak
+
+
+__all__ = ["WriteResult", "write_file", "Payload", "TMP_SUFFIX"]
