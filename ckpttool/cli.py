@@ -61,6 +61,178 @@ def show(path: str, as_json: bool, pointer: str | None, show_all: bool, stats: b
     _run(go)
 
 
+def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--dry-run", is_flag=True,
+                     help="Print a before/after table and write nothing.")(f)
+    f = click.option("--backup", is_flag=True, help="Keep the original as PATH.bak.")(f)
+    f = click.option("--force", is_flag=True, help="Overwrite an existing --output.")(f)
+    f = click.option("-o", "--output", metavar="OUT",
+                     help="Write a new file (or folder) instead of editing in place.")(f)
+    return f
+
+
+class _Progress:
+    """A progress line on stderr, only for a terminal and only once a rewrite passes 1 s."""
+
+    def __init__(self) -> None:
+        import time
+        self.start = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        import time
+        if not self.tty or time.monotonic() - self.start < 1.0 or not total:
+            return
+        self.shown = True
+        sys.stderr.write(f"\rwriting {done * 100 // total:3d}% ({done >> 20} of {total >> 20} MiB)")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.shown:
+            sys.stderr.write("\n")
+
+
+def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: bool) -> None:
+    from tabulate import tabulate
+
+    from .render import fmt
+    from .save import save
+    if dry_run:
+        rows = [[c.pointer, fmt(c.before), fmt(c.after)] for c in plan.changes]
+        click.echo(tabulate(rows, ["pointer", "before", "after"]))
+        click.echo(f"dry run: {plan.summary}; nothing written")
+        return
+    progress = _Progress()
+    try:
+        result = save(plan, output, force=force, backup=backup, progress=progress)
+    finally:
+        progress.close()
+    for note in plan.notes:
+        click.echo(f"note: {note}", err=True)
+    extra = [m for w in result.written for m in [w.message] if "legacy" in m or "kept as" in m]
+    click.echo(f"{plan.summary}; wrote {result.output}" + (f" ({'; '.join(extra)})" if extra else ""))
+
+
+@cli.command("set-lr")
+@click.argument("path", type=click.Path())
+@click.argument("lr", type=float)
+@click.option("--group", "groups", type=int, multiple=True, help="Only this group (repeatable).")
+@click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
+@click.option("--scheduler", metavar="POINTER", help="The scheduler paired with it.")
+@click.option("--no-scheduler", is_flag=True, help="Leave schedulers unchanged.")
+@click.option("--base-lr", is_flag=True,
+              help="LR is the base LR (initial_lr/base_lrs/max_lr); current lr follows.")
+@_write_options
+def set_lr_cmd(path: str, lr: float, groups: tuple[int, ...], optimizer: str | None,
+               scheduler: str | None, no_scheduler: bool, base_lr: bool, output: str | None,
+               force: bool, backup: bool, dry_run: bool) -> None:
+    """Set the learning rate the next step uses after a normal resume; the scheduler's
+    state is scaled to match so the schedule keeps its shape.
+
+    Example: ckpttool set-lr ckpt.pth 1e-4
+    """
+    from .checkpoint import open_checkpoint
+    from .edits.set_lr import set_lr
+
+    def go() -> None:
+        plan = set_lr(open_checkpoint(path), lr, list(groups) or None, optimizer, scheduler,
+                      no_scheduler, base_lr)
+        _finish(plan, output, force, backup, dry_run)
+    _run(go)
+
+
+@cli.command("set")
+@click.argument("path", type=click.Path())
+@click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
+@click.option("--group", "groups", type=int, multiple=True, help="Only this group (repeatable).")
+@click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
+@_write_options
+def set_cmd(path: str, assignments: tuple[str, ...], groups: tuple[int, ...],
+            optimizer: str | None, output: str | None, force: bool, backup: bool,
+            dry_run: bool) -> None:
+    """Set hyperparameters (weight_decay=0.05, betas=0.9,0.95, amsgrad=true, ...), checked
+    against the optimizer's type; --force allows unknown keys and odd types.
+
+    Example: ckpttool set ckpt.pth weight_decay=0.05 betas=0.9,0.95
+    """
+    from .checkpoint import open_checkpoint
+    from .edits.set_hparams import set_hparams
+
+    def go() -> None:
+        values = _parse_assignments(assignments)
+        plan = set_hparams(open_checkpoint(path), values, list(groups) or None, optimizer,
+                           force)
+        _finish(plan, output, force, backup, dry_run)
+    _run(go)
+
+
+def _parse_assignments(items: tuple[str, ...]) -> dict[str, Any]:
+    from .edits import parse_value
+    from .errors import EditError
+    out: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise EditError(f"expected KEY=VALUE, got {item!r}")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+@cli.command()
+@click.argument("path", type=click.Path())
+@click.argument("device")
+@click.option("--pointer", default="", metavar="POINTER",
+              help="Only storages under this JSON Pointer (default: everything).")
+@_write_options
+def move(path: str, device: str, pointer: str, output: str | None, force: bool, backup: bool,
+         dry_run: bool) -> None:
+    """Move storages to DEVICE (cpu, cuda, cuda:N) by rewriting their device tags only; no
+    GPU needed, no tensor bytes read.
+
+    Example: ckpttool move ckpt.pth cpu
+    """
+    from .checkpoint import open_checkpoint
+    from .edits.move import move as move_edit
+
+    def go() -> None:
+        _finish(move_edit(open_checkpoint(path), device, pointer), output, force, backup,
+                dry_run)
+    _run(go)
+
+
+@cli.command("merge-groups")
+@click.argument("path", type=click.Path())
+@click.option("--groups", "groups", metavar="0,2", help="Groups to merge (default: all).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Value for a hyperparameter that differs between the groups.")
+@click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
+@click.option("--scheduler", metavar="POINTER", help="The scheduler paired with it.")
+@click.option("--no-scheduler", is_flag=True, help="Leave schedulers unchanged.")
+@_write_options
+def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
+                     optimizer: str | None, scheduler: str | None, no_scheduler: bool,
+                     output: str | None, force: bool, backup: bool, dry_run: bool) -> None:
+    """Merge param groups whose hyperparameters agree (params in model order when names are
+    known) and the scheduler's per-group lists with them.
+
+    Example: ckpttool merge-groups ckpt.pth --groups 0,1
+    """
+    from .checkpoint import open_checkpoint
+    from .edits.merge_groups import merge_groups
+    from .errors import EditError
+
+    def go() -> None:
+        try:
+            sel = [int(x) for x in groups.split(",")] if groups else None
+        except ValueError:
+            raise EditError(f"--groups takes indices like 0,2, not {groups!r}") from None
+        plan = merge_groups(open_checkpoint(path), sel, _parse_assignments(sets), optimizer,
+                            scheduler, no_scheduler)
+        _finish(plan, output, force, backup, dry_run)
+    _run(go)
+
+
 def main() -> None:
     cli()
 

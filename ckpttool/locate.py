@@ -55,6 +55,7 @@ class OptimizerState:
     state: list[ParamState]
     names_source: str | None = None  # where the names come from, when there are names
     names_note: str | None = None  # why there are no names (or only some)
+    model_order: dict[int, int] | None = None  # param id -> position in model.parameters()
 
     @property
     def type(self) -> str:

@@ -113,6 +113,13 @@ def attach_names(opt: OptimizerState, models: list[ModelState]) -> None:
     """Fill names on ``opt``'s groups and state from param_names or a certain alignment."""
     if opt.names_source == "param_names":
         _spread(opt)
+        for m in models:
+            if m.ordered:
+                pos = {n: i for i, (n, _) in enumerate(model_parameters(m))}
+                ids = {p: n for g in opt.groups for p, n in zip(g.params, g.param_names)}
+                if all(n in pos for n in ids.values()):
+                    opt.model_order = {p: pos[n] for p, n in ids.items()}  # type: ignore[index]
+                    break
         return
     if not models:
         opt.names_note = "no param_names stored and no model state in the checkpoint"
@@ -147,8 +154,10 @@ def attach_names(opt: OptimizerState, models: list[ModelState]) -> None:
         return
     model, assignment = results[0]
     params = model_parameters(model)
+    opt.model_order = {}
     for g, idxs in zip(opt.groups, assignment):
         g.param_names = [params[i][0] for i in idxs]
+        opt.model_order.update(zip(g.params, idxs))
     opt.names_source = (f"model {model.pointer} (order and shape; {known} of {total} "
                         "shapes checked)")
     _spread(opt)
