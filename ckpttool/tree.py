@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from .errors import CkptError
-from .formats.nodes import Reduce
 
 
 def escape(token: Any) -> str:
@@ -82,6 +81,3 @@ def walk(root: Any, pointer: str = "", max_depth: int = 64) -> Iterator[tuple[st
                 if isinstance(v, (dict, list, tuple))]
         stack.extend(reversed(kids))
 
-
-def is_opaque(obj: Any) -> bool:
-    return isinstance(obj, Reduce) and not hasattr(obj, "value")

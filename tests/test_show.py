@@ -295,3 +295,28 @@ def test_missing_file_is_one_line_error(tmp_path: Path) -> None:
 def test_version() -> None:
     r = CliRunner().invoke(cli, ["--version"])
     assert r.output == f"ckpttool, version {ckpttool.__version__}\n"
+
+
+@pytest.mark.parametrize("fixture", MANIFEST, ids=lambda f: f["path"])
+def test_every_fixture_shows_as_text(fixture: dict[str, Any]) -> None:
+    result = CliRunner().invoke(cli, ["show", "--all", str(FIXTURES / fixture["path"])])
+    assert result.exit_code == 0, result.output
+    for o in fixture["optimizers"]:
+        assert f"optimizer {o['pointer'] or '(root)'}: {o['class']}" in result.output
+    for s in fixture["schedulers"]:
+        assert f"scheduler {s['pointer'] or '(root)'}: {s['class']}" in result.output
+    assert ("UNSAFE:" in result.output) == (fixture["kind"] == "unsafe")
+
+
+def test_any_archive_folder_name(tmp_path: Path) -> None:
+    import io
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(3))], lr=0.5, momentum=0.9)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # a buffer gets the archive folder name "archive"
+    path = tmp_path / "renamed_file.pt"
+    path.write_bytes(buf.getvalue())
+    ckpt = ckpttool.open(path)
+    assert ckpt.files[0].archive is not None and ckpt.files[0].archive.prefix == "archive"
+    assert ckpt.optimizers[0].groups[0].hyperparameters["lr"] == 0.5
