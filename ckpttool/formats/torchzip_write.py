@@ -5,8 +5,8 @@ and torch's ``getPadding``):
 
 * local header: version 0, flags 0x0808 (data descriptor + UTF-8; 0x0800 for an empty
   record), stored, time/date 0, CRC and sizes 0; the name ``<prefix>/<record>``; a zip64 extra
-  field (``[size, size]`` if size >= 0xFFFFFFFF, ``[offset]`` if the header offset is) when
-  needed; then the ``FB`` extra field: ``"FB" + u16 n + "Z" * n`` so that the payload starts
+  field (``[size, 0]`` if size >= 0xFFFFFFFF -- the compressed size is not known yet when
+  miniz writes it -- and ``[offset]`` if the header offset is >= 0xFFFFFFFF) when needed; then the ``FB`` extra field: ``"FB" + u16 n + "Z" * n`` so that the payload starts
   at a multiple of the storage alignment (64);
 * the payload;
 * a data descriptor ``PK\\x07\\x08 crc size size`` (16 bytes, or 24 with 64-bit sizes when the
@@ -92,8 +92,12 @@ class WrittenRecord:
     crc: int
 
 
-def _zip64_extra(size: int | None, offset: int | None) -> bytes:
-    vals = ([size, size] if size is not None else []) + ([offset] if offset is not None else [])
+def _zip64_extra(size: int | None, offset: int | None, local: bool = False) -> bytes:
+    """The zip64 extra field. In the local header miniz writes it before the payload, when
+    the compressed size is still 0: ``[size, 0]``; the central directory has ``[size, size]``.
+    """
+    vals = ([size, 0 if local else size] if size is not None else []) + \
+        ([offset] if offset is not None else [])
     return struct.pack(f"<HH{len(vals)}Q", 1, 8 * len(vals), *vals)
 
 
@@ -235,12 +239,14 @@ def write_archive(fd: int, prefix: str, records: list[tuple[str, Payload]], *,
         hoff = out.pos
         size = p.size
         big = size >= U32_MAX or hoff >= U32_MAX
-        z64 = _zip64_extra(size if size >= U32_MAX else None,
-                           hoff if hoff >= U32_MAX else None) if big else b""
+        z64_size = size if size >= U32_MAX else None
+        z64_off = hoff if hoff >= U32_MAX else None
+        z64_local = _zip64_extra(z64_size, z64_off, local=True) if big else b""
+        z64 = _zip64_extra(z64_size, z64_off) if big else b""
         pad = _padding(hoff, len(name), size, alignment)
         flags = 0x0808 if size else 0x0800
         out.write(_LOCAL.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(name),
-                              len(z64) + len(pad)) + name + z64 + pad)
+                              len(z64_local) + len(pad)) + name + z64_local + pad)
         data_offset = out.pos
         if verify_crc and p.crc is not None and p.src_fd is not None:
             expected = p.crc
