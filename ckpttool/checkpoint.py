@@ -23,7 +23,7 @@ from .formats.unpickler import Unpickled, unpickle
 from .tree import resolve
 
 if TYPE_CHECKING:
-    from .locate import ModelState, OptimizerState, SchedulerState
+    from .locate import Found, ModelState, OptimizerState, SchedulerState
 
 TINY_NUMEL = 8  # tensors with at most this many elements have their values read
 _SNIFF = 64
@@ -117,19 +117,24 @@ class Checkpoint:
 
     # -- what is inside --------------------------------------------------------------------
     @cached_property
+    def _found(self) -> Found:
+        from .locate import locate
+        return locate(self)
+
+    @property
     def optimizers(self) -> list[OptimizerState]:
-        from .locate import locate
-        return locate(self).optimizers
+        """Every optimizer state_dict in the checkpoint, in tree order."""
+        return self._found.optimizers
 
-    @cached_property
+    @property
     def schedulers(self) -> list[SchedulerState]:
-        from .locate import locate
-        return locate(self).schedulers
+        """Every LR scheduler state_dict in the checkpoint, in tree order."""
+        return self._found.schedulers
 
-    @cached_property
+    @property
     def models(self) -> list[ModelState]:
-        from .locate import locate
-        return locate(self).models
+        """Every model state_dict (names to tensors) in the checkpoint, in tree order."""
+        return self._found.models
 
     def optimizer(self, pointer: str | None = None) -> OptimizerState:
         """The optimizer at ``pointer``, or the only one when ``pointer`` is None."""

@@ -16,7 +16,7 @@ from .locate import ModelState, OptimizerState
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 _FLOAT_DTYPES = ("float", "bfloat16", "complex")
-MAX_STATES = 200_000
+MAX_STATES = 20_000
 
 
 def model_parameters(model: ModelState) -> list[tuple[str, tuple[int, ...]]]:
@@ -71,6 +71,9 @@ def align(groups: list[list[tuple[int, ...] | None]],
     if total != len(model):
         return (f"the optimizer has {total} params but the model has {len(model)} "
                 "parameter tensors (buffers and tied copies excluded)")
+    fast = _align_by_owner(groups, model)
+    if fast is not None:
+        return fast
     # forward DP over states (index into each group); ways capped at 2
     start = tuple(0 for _ in groups)
     layer: dict[tuple[int, ...], tuple[int, Any]] = {start: (1, None)}
@@ -106,6 +109,25 @@ def align(groups: list[list[tuple[int, ...] | None]],
         prev_state, g = back
         result[g][prev_state[g]] = pos - 1
         state = prev_state
+    return result
+
+
+def _align_by_owner(groups: list[list[tuple[int, ...] | None]],
+                    model: list[tuple[str, tuple[int, ...]]]) -> list[list[int]] | str | None:
+    """The common case in linear time: every shape belongs to one group only, so each model
+    position's shape names its group. None when shapes are shared or unknown (use the DP)."""
+    owner: dict[tuple[int, ...], int] = {}
+    for g, shapes in enumerate(groups):
+        for s in shapes:
+            if s is None or owner.setdefault(s, g) != g:
+                return None
+    result: list[list[int]] = [[] for _ in groups]
+    for pos, (name, shape) in enumerate(model):
+        g = owner.get(shape)
+        if g is None or len(result[g]) >= len(groups[g]) or groups[g][len(result[g])] != shape:
+            return (f"no order of the groups fits the model: {name} has shape {list(shape)} "
+                    "where no param of that shape can come next")
+        result[g].append(pos)
     return result
 
 

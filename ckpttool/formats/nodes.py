@@ -47,16 +47,13 @@ PARAMETER_REBUILDERS = frozenset({
 class Global:
     """A ``module.name`` referenced by a pickle. Never imported; ``safety`` classifies it."""
 
-    __slots__ = ("module", "name", "safety")
+    __slots__ = ("module", "name", "safety", "qualname")
 
     def __init__(self, module: str, name: str, safety: str) -> None:
         self.module = module
         self.name = name
         self.safety = safety  # "allowed" (torch weights_only list), "opaque" or "dangerous"
-
-    @property
-    def qualname(self) -> str:
-        return f"{self.module}.{self.name}"
+        self.qualname = f"{module}.{name}"
 
     def __repr__(self) -> str:
         return f"<global {self.qualname}>"
