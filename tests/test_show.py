@@ -320,3 +320,13 @@ def test_any_archive_folder_name(tmp_path: Path) -> None:
     ckpt = ckpttool.open(path)
     assert ckpt.files[0].archive is not None and ckpt.files[0].archive.prefix == "archive"
     assert ckpt.optimizers[0].groups[0].hyperparameters["lr"] == 0.5
+
+
+def test_no_names_when_a_group_lists_params_out_of_model_order(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = torch.optim.Adam([model[0].bias, model[0].weight])
+    names, source, note = _names(_save(tmp_path, model, opt))
+    assert names == [[None, None]] and source is None
+    assert note == ("/model: no order of the groups fits the model: 0.weight has shape [3, 4] "
+                    "where no param of that shape can come next")
