@@ -8,13 +8,14 @@ paired scheduler's per-group lists are merged to match.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ..checkpoint import Checkpoint
 from ..errors import EditError
 from ..tree import join
 from . import Change, EditPlan
-from .set_lr import LR_SCHEDULER_LIST_KEYS, NESTED_KEYS, _number, pair_scheduler
+from .set_lr import LR_GROUP_KEYS, LR_SCHEDULER_LIST_KEYS, NESTED_KEYS, _number, pair_scheduler
 
 _SKIP = ("params", "param_names")
 
@@ -35,6 +36,15 @@ def merge_groups(ckpt: Checkpoint, groups: list[int] | None = None,
         if not 0 <= g < n:
             raise EditError(f"{ckpt.path}: there is no group {g} (groups 0..{n - 1})")
     rg = raw["param_groups"]
+    if "lr" in sets:
+        # LR-like keys (initial_lr, max_lr, ...) follow the merged lr as the scheduler does
+        for key in LR_GROUP_KEYS:
+            if key == "lr" or key in sets or all(key not in rg[g] for g in sel):
+                continue
+            scaled = _rescaled([rg[g].get(key) for g in sel], [rg[g].get("lr") for g in sel],
+                               sets["lr"])
+            if scaled is not None:
+                sets[key] = scaled
     first = {k: v for k, v in rg[sel[0]].items() if k not in _SKIP}
     first.update(sets)
     differ = []
@@ -104,6 +114,19 @@ def merge_groups(ckpt: Checkpoint, groups: list[int] | None = None,
     return plan
 
 
+def _rescaled(values: list[Any], lrs: list[Any], new_lr: Any) -> float | None:
+    """The one value ``values[i] * new_lr / lrs[i]`` gives for every i, else None."""
+    out = []
+    for x, old in zip(values, lrs):
+        xf, of = _number(x), _number(old)
+        if xf is None or not of or _number(new_lr) is None:
+            return None
+        out.append(xf * float(new_lr) / of)
+    if all(math.isclose(v, out[0], rel_tol=1e-9, abs_tol=0.0) for v in out):
+        return out[0]
+    return None
+
+
 def _merge_scheduler(plan: EditPlan, state: dict[str, Any], pointer: str, sel: list[int],
                      n: int, sets: dict[str, Any], old_groups: list[dict[str, Any]]) -> None:
     for key, v in list(state.items()):
@@ -119,11 +142,11 @@ def _merge_scheduler(plan: EditPlan, state: dict[str, Any], pointer: str, sel: l
         if all(x == vals[0] for x in vals):
             merged = vals[0]
         elif key in LR_SCHEDULER_LIST_KEYS and "lr" in sets:
-            old_lr = _number(old_groups[sel[0]].get("lr"))
-            x = _number(vals[0])
-            if not old_lr or x is None:
-                raise EditError(f"{join(pointer, key)}: cannot rescale {vals} for the merged lr")
-            merged = x * float(sets["lr"]) / old_lr
+            scaled = _rescaled(vals, [old_groups[g].get("lr") for g in sel], sets["lr"])
+            if scaled is None:
+                raise EditError(f"{join(pointer, key)}: cannot rescale {vals} to one value for "
+                                "the merged lr (the groups follow different schedules)")
+            merged = scaled
         else:
             raise EditError(f"{join(pointer, key)} differs between groups "
                             f"{', '.join(map(str, sel))} ({vals}); the scheduler cannot be "

@@ -2,7 +2,9 @@
 
 torch.save always writes bytes from a CPU copy; the device is only the ``location`` string of
 each storage's persistent id. ``step`` stays on the CPU unless its group is capturable or
-fused, which is where torch's optimizers keep it.
+fused, which is where torch's optimizers keep it. RNG-state files (the Trainer's
+``rng_state*.pth``, accelerate's ``random_states_*.pkl``) stay on the CPU too:
+``torch.set_rng_state`` only takes a CPU ByteTensor, even for CUDA generators' states.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from ..tree import walk
 from . import Change, EditPlan
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_RNG_FILE = re.compile(r"^(rng_state.*\.pth|random_states_\d+\.pkl)$")
 
 
 def normalize_device(device: str) -> str:
@@ -44,18 +47,23 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> EditPlan:
         st = t.storage
         if st is not None and id(st) not in storages:
             storages[id(st)] = (ptr, st)
+    rng = {sid for sid, (ptr, _) in storages.items()
+           if ckpt.is_folder and _RNG_FILE.match(ckpt.file_for(ptr).name)}
     moved = 0
     for sid, (ptr, st) in storages.items():
-        target = "cpu" if sid in cpu_steps else loc
+        target = "cpu" if sid in cpu_steps or sid in rng else loc
         if st.location != target:
             plan.changes.append(Change(ptr, st.location, target))
             st.pid = st.with_location(target)
             plan.touch(ptr)
             moved += 1
-    kept = sum(1 for sid in storages if sid in cpu_steps)
+    kept = sum(1 for sid in storages if sid in cpu_steps and sid not in rng)
+    kept_rng = sum(1 for sid in storages if sid in rng)
+    stay = [f"{kept} non-capturable step tensors"] if kept else []
+    stay += [f"{kept_rng} RNG-state tensors"] if kept_rng else []
     plan.summary = (f"move: {moved} of {len(storages)} storages now on {loc}"
-                    + (f" ({kept} non-capturable step tensors stay on cpu)" if kept and
-                       loc != "cpu" else ""))
+                    + (f" ({' and '.join(stay)} stay on cpu)" if stay and loc != "cpu"
+                       else ""))
     return plan
 
 
