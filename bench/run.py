@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""One-command benchmark of ckpttool against torch on a ~4 GB training checkpoint.
+
+    /work/venv/bin/python bench/run.py [--quick] [--keep] [--out bench/results.md]
+
+* builds (or reuses, cached under bench/out/) a ~4.04 GB and a ~40 MB checkpoint of the
+  same structure (1174 records; see bench/make_ckpt.py); --quick uses ~400 MB / ~4 MB;
+* runs every operation as a fresh subprocess: one warm-up run (also warms the page
+  cache), then 3 timed runs; reports the median wall time and the median peak RSS of
+  the child (os.wait4 rusage ru_maxrss, exact for the child process);
+* prints a markdown table and writes it (with a machine header) to --out.
+
+Edit outputs are always deleted; the built inputs are deleted at the end unless --keep.
+A ckpttool command that does not exist yet is reported as "not available".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+REPO = HERE.parent
+OUTDIR = HERE / "out"
+PY = sys.executable
+RUNS = 3
+
+# widths -> (label, approx size); see make_ckpt.spec (params ~= 321*w^2)
+FULL = {"big": (1024, "4 GB"), "small": (102, "40 MB")}
+QUICK = {"big": (322, "400 MB"), "small": (32, "4 MB")}
+
+# Peak RSS: ru_maxrss from wait4() of the measured process.  A child forked
+# (vfork/posix_spawn) straight from this Python harness inherits the harness's
+# own RSS high-water mark across exec (cp showed 26 MiB instead of 2 MiB), so
+# when GNU time is present it is the (2 MiB) launcher: it wait4()s the child
+# and prints that child's ru_maxrss (%M, KiB).  Its start-up adds ~1 ms of wall.
+TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
+
+MB = 1_000_000
+MIB = 1024 * 1024
+
+
+# ----------------------------------------------------------------------------- build
+
+def builder_hash() -> str:
+    return hashlib.sha256((HERE / "make_ckpt.py").read_bytes()).hexdigest()[:16]
+
+
+def ckpt_path(width: int) -> pathlib.Path:
+    return OUTDIR / f"ckpt-w{width}.pt"
+
+
+def ensure_ckpt(width: int, log) -> pathlib.Path:
+    """Reuse bench/out/ckpt-w{width}.pt if its sidecar says it is valid, else (re)build it."""
+    path = ckpt_path(width)
+    side = path.with_suffix(".json")
+    bh = builder_hash()
+    if path.exists() and side.exists():
+        try:
+            meta = json.loads(side.read_text())
+            st = path.stat()
+            if (meta.get("builder") == bh and meta.get("width") == width
+                    and meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns):
+                log(f"reusing {path.name} ({st.st_size / 1e9:.2f} GB)")
+                return path
+        except (ValueError, OSError):
+            pass
+    cmd = [PY, str(HERE / "make_ckpt.py"), "--width", str(width)]
+    if path.exists() and not side.exists():
+        # present but never validated (e.g. built by hand): validate instead of rebuilding
+        log(f"validating existing {path.name} ...")
+        r = subprocess.run(cmd + ["--validate", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            log(f"  invalid ({r.stderr.strip().splitlines()[-1:]}), rebuilding")
+            path.unlink()
+    if not path.exists():
+        need = 12 * 321 * width * width * 2 + 1_000_000_000  # input + one edit output + slack
+        free = shutil.disk_usage(OUTDIR).free
+        if free < need:
+            raise SystemExit(f"not enough disk space in {OUTDIR}: {free / 1e9:.1f} GB free, need ~{need / 1e9:.1f} GB")
+        log(f"building {path.name} (width {width}) ...")
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd + ["--out", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"building {path} failed:\n{r.stderr}")
+        log(f"  built in {time.perf_counter() - t0:.1f} s")
+    else:
+        r = subprocess.run(cmd + ["--validate", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"validating {path} failed:\n{r.stderr}")
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    st = path.stat()
+    side.write_text(json.dumps({"builder": bh, "width": width, "size": st.st_size,
+                                "mtime_ns": st.st_mtime_ns, **info}))
+    return path
+
+
+def warm_page_cache(path: pathlib.Path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(8 * MIB)
+        while f.readinto(buf):
+            pass
+
+
+# ----------------------------------------------------------------------------- measure
+
+class Result:
+    def __init__(self, walls=(), rss_kib=(), error=None):
+        self.walls = list(walls)
+        self.rss_kib = list(rss_kib)
+        self.error = error
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.walls)
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+    @property
+    def rss_bytes(self) -> float:
+        return statistics.median(self.rss_kib) * 1024
+
+
+def run_once(argv, before=None):
+    """Run argv as a fresh child; return (wall s, peak RSS KiB, exit code, stdout tail, stderr)."""
+    if before:
+        before()
+    so = OUTDIR / "_stdout.txt"
+    se = OUTDIR / "_stderr.txt"
+    rf = OUTDIR / "_rss.txt"
+    rf.unlink(missing_ok=True)
+    full = [TIME, "-f", "%M", "-o", str(rf), *argv] if TIME else list(argv)
+    with open(so, "wb") as fo, open(se, "wb") as fe:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(full, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=REPO)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        rc = os.waitstatus_to_exitcode(status)
+    rss = ru.ru_maxrss
+    if TIME:
+        try:
+            rss = int(rf.read_text().split()[-1])
+        except (OSError, ValueError, IndexError):
+            pass
+    out = so.read_bytes()[-2000:].decode(errors="replace")
+    err = se.read_bytes()[-4000:].decode(errors="replace")
+    return wall, rss, rc, out, err
+
+
+def measure(argv, before=None, check=None, runs=None) -> Result:
+    """One warm-up run (checked), then `runs` timed runs."""
+    _, _, rc, out, err = run_once(argv, before)
+    if rc != 0:
+        if rc == 2 and "No such command" in err:
+            return Result(error="not available")
+        last = (err.strip().splitlines() or ["?"])[-1]
+        if "No module named 'ckpttool" in err:
+            return Result(error="not available")
+        return Result(error=f"failed (exit {rc}: {last[:120]})")
+    if check:
+        problem = check()
+        if problem:
+            return Result(error=f"bad output: {problem}")
+    walls, rss = [], []
+    for _ in range(runs or RUNS):
+        w, m, rc, _, err = run_once(argv, before)
+        if rc != 0:
+            last = (err.strip().splitlines() or ["?"])[-1]
+            return Result(error=f"failed (exit {rc}: {last[:120]})")
+        walls.append(w)
+        rss.append(m)
+    return Result(walls, rss)
+
+
+def ckpttool_cmd() -> list[str]:
+    exe = pathlib.Path(PY).parent / "ckpttool"
+    if exe.exists():
+        return [str(exe)]
+    found = shutil.which("ckpttool")
+    return [found] if found else [PY, "-m", "ckpttool"]
+
+
+VERIFY = r"""
+import sys, json, torch
+path, kind = sys.argv[1], sys.argv[2]
+locs = set()
+def ml(storage, loc):
+    locs.add(loc)
+    return storage
+ck = torch.load(path, mmap=True, weights_only=True, map_location=ml)
+groups = ck["optimizer"]["param_groups"]
+n = sum(len(g["params"]) for g in groups)
+assert n == len(ck["optimizer"]["state"]) == 293, n
+if kind == "lr":
+    assert all(abs(g["lr"] - 1e-4) < 1e-12 for g in groups), [g["lr"] for g in groups]
+if kind == "move":
+    assert "cuda:1" in locs, locs
+if kind == "merge":
+    assert len(groups) == 1, len(groups)
+print("ok")
+"""
+
+
+def verifier(out: pathlib.Path, kind: str):
+    def check():
+        r = subprocess.run([PY, "-c", VERIFY, str(out), kind], capture_output=True, text=True)
+        if r.returncode != 0:
+            return (r.stderr.strip().splitlines() or ["?"])[-1][:150]
+        return None
+    return check
+
+
+WALK = r"""
+import sys, torch
+sd = torch.load(sys.argv[1], mmap=True, weights_only=True)
+n = 0
+shapes = set()
+for pid, st in sd["optimizer"]["state"].items():
+    for k, v in st.items():
+        if isinstance(v, torch.Tensor):
+            n += v.numel()
+            shapes.add((k, tuple(v.shape), str(v.dtype)))
+for g in sd["optimizer"]["param_groups"]:
+    _ = (g["lr"], len(g["params"]))
+print(n, len(shapes))
+"""
+
+EDIT_SAVE = r"""
+import sys, torch
+sd = torch.load(sys.argv[1], weights_only=True)
+for g in sd["optimizer"]["param_groups"]:
+    g["lr"] = 1e-4
+torch.save(sd, sys.argv[2])
+"""
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt_s(r: Result) -> str:
+    return f"{r.wall:.3f}" if r.ok else "-"
+
+
+def fmt_mib(r: Result) -> str:
+    return f"{r.rss_bytes / MIB:.0f}" if r.ok else "-"
+
+
+def machine_header(files: dict, quick: bool) -> list[str]:
+    import importlib.metadata as md
+
+    try:
+        torch_v = md.version("torch")
+    except md.PackageNotFoundError:
+        torch_v = "?"
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+                break
+    except OSError:
+        pass
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %s"],
+                              capture_output=True, text=True).stdout.strip()
+    except OSError:
+        head = "?"
+    lines = [
+        f"# ckpttool benchmark{' (--quick)' if quick else ''}",
+        "",
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} RAM, "
+        f"{platform.system()} {platform.release()}",
+        f"- python {platform.python_version()}, torch {torch_v}",
+        f"- ckpttool at git {head}",
+    ]
+    for key, (path, label) in files.items():
+        meta = json.loads(path.with_suffix(".json").read_text())
+        lines.append(f"- {key} file (\"{label}\"): {path.name}, {meta['size']:,} bytes "
+                     f"({meta['size'] / 1e9:.3f} GB), {meta['n_params'] / 1e6:.1f}M params "
+                     f"x 3 (model, exp_avg, exp_avg_sq), {meta['records']} records")
+    lines += [
+        f"- each row: fresh subprocess, 1 warm-up run + median of {RUNS}, warm page cache; "
+        "wall includes interpreter start-up; peak RSS = the child's ru_maxrss from wait4 "
+        + ("(collected by /usr/bin/time -f %M as a 2 MiB launcher)" if TIME else "(os.wait4; includes the harness's ~25 MiB inherited at fork)"),
+        "",
+    ]
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="ckpttool vs torch benchmark")
+    ap.add_argument("--quick", action="store_true", help="use ~400 MB / ~4 MB checkpoints instead of ~4 GB / ~40 MB")
+    ap.add_argument("--keep", action="store_true", help="keep the built input checkpoints in bench/out/")
+    ap.add_argument("--out", default=str(HERE / "results.md"), help="markdown output (default bench/results.md)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per operation (median reported; default 3)")
+    a = ap.parse_args()
+    global RUNS
+    RUNS = max(1, a.runs)
+
+    def log(msg):
+        print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+    OUTDIR.mkdir(parents=True, exist_ok=True)
+    sizes = QUICK if a.quick else FULL
+    du = shutil.disk_usage(OUTDIR)
+    log(f"disk: {du.free / 1e9:.1f} GB free in {OUTDIR}")
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+
+    big = ensure_ckpt(sizes["big"][0], log)
+    small = ensure_ckpt(sizes["small"][0], log)
+    files = {"big": (big, sizes["big"][1]), "small": (small, sizes["small"][1])}
+    bl, sl = sizes["big"][1], sizes["small"][1]
+    out_big = OUTDIR / "edit-out.pt"
+
+    if shutil.disk_usage(OUTDIR).free < big.stat().st_size + 1_000_000_000:
+        raise SystemExit("not enough free disk for one edit output next to the big checkpoint")
+
+    ck = ckpttool_cmd()
+    log(f"ckpttool command: {' '.join(ck)}")
+    warm_page_cache(big)
+    warm_page_cache(small)
+
+    def rm_out():
+        try:
+            out_big.unlink()
+        except FileNotFoundError:
+            pass
+        os.sync()  # start every write benchmark with no dirty pages from the previous run
+
+    R: dict[str, Result] = {}
+
+    def m(key, argv, **kw):
+        log(f"{key} ...")
+        r = measure(argv, **kw)
+        R[key] = r
+        log(f"  {fmt_s(r)} s, {fmt_mib(r)} MiB" if r.ok else f"  {r.error}")
+        return r
+
+    m("pass", [PY, "-c", "pass"])
+    m("import torch", [PY, "-c", "import torch"])
+    m("help", ck + ["--help"])
+    for key, path in (("big", big), ("small", small)):
+        m(f"show {key}", ck + ["show", str(path)])
+        m(f"show json {key}", ck + ["show", "--json", str(path)])
+        m(f"torch full {key}", [PY, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=True)", str(path)])
+        m(f"torch mmap {key}", [PY, "-c", WALK, str(path)])
+    m("cp", ["cp", str(big), str(out_big)], before=rm_out)
+    # ckpttool's writer fsyncs (and re-reads) its output before renaming it into place; this
+    # is the durable-copy equivalent of that (coreutils `sync FILE` = fsync of that file)
+    m("cp sync", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(big), str(out_big)], before=rm_out)
+    m("set-lr", ck + ["set-lr", str(big), "1e-4", "-o", str(out_big)], before=rm_out,
+      check=verifier(out_big, "lr"))
+    m("move", ck + ["move", str(big), "cuda:1", "-o", str(out_big)], before=rm_out,
+      check=verifier(out_big, "move"))
+    m("merge-groups", ck + ["merge-groups", str(big), "-o", str(out_big)], before=rm_out,
+      check=verifier(out_big, "merge"))
+    m("torch edit", [PY, "-c", EDIT_SAVE, str(big), str(out_big)], before=rm_out,
+      check=verifier(out_big, "lr"))
+    rm_out()
+
+    # ------------------------------------------------------------------ table
+    rows = []
+
+    def verdict(conds):
+        if conds is None:
+            return "-"
+        return "pass" if all(conds) else "FAIL"
+
+    def row(op, key, ref_key=None, ref_name="", target="", conds=None):
+        r = R[key]
+        if not r.ok:
+            rows.append((op, r.error, "-", "-", target, "-"))
+            return
+        ratio = "-"
+        if ref_key and R[ref_key].ok:
+            ratio = f"{r.wall / R[ref_key].wall:.2f}x {ref_name}"
+        rows.append((op, fmt_s(r), fmt_mib(r), ratio, target, verdict(conds(r) if conds else None)))
+
+    def show_target(r):
+        return [r.wall <= 0.25, r.rss_bytes <= 50 * MB]
+
+    row("`python -c pass` (interpreter start)", "pass")
+    row("`python -c 'import torch'`", "import torch", "pass", "python start")
+    row("`ckpttool --help`", "help", "pass", "python start", "<= 0.2 s", lambda r: [r.wall <= 0.2])
+    for key, label in (("big", bl), ("small", sl)):
+        tgt = "<= 0.25 s, <= 50 MB" if key == "big" else ""
+        cond = show_target if key == "big" else None
+        row(f"`ckpttool show` {label}", f"show {key}", f"torch mmap {key}", "torch mmap+walk", tgt, cond)
+        row(f"`ckpttool show --json` {label}", f"show json {key}", f"torch mmap {key}", "torch mmap+walk", tgt, cond)
+        row(f"torch.load full, weights_only {label}", f"torch full {key}")
+        row(f"torch.load mmap + walk optimizer state {label}", f"torch mmap {key}")
+    for sk, name in (("show", "show"), ("show json", "show --json")):
+        rb, rs = R[f"{sk} big"], R[f"{sk} small"]
+        if rb.ok and rs.ok:
+            ratio = rb.wall / rs.wall
+            rows.append((f"`{name}` {bl} / {sl}", "-", "-", f"{ratio:.2f}x", "<= 1.5x",
+                         "pass" if ratio <= 1.5 else "FAIL"))
+        else:
+            rows.append((f"`{name}` {bl} / {sl}", "not available", "-", "-", "<= 1.5x", "-"))
+    row(f"`cp` {bl} (reference)", "cp")
+    row(f"`cp` + `sync OUT` (fsync) {bl} (reference)", "cp sync", "cp", "cp")
+
+    def edit_target(r):
+        return [r.wall <= 1.3 * R["cp"].wall if R["cp"].ok else False, r.rss_bytes <= 100 * MB]
+
+    for key, cmd in (("set-lr", "set-lr BIG 1e-4 -o OUT"), ("move", "move BIG cuda:1 -o OUT"),
+                     ("merge-groups", "merge-groups BIG -o OUT")):
+        row(f"`ckpttool {cmd}` {bl}", key, "cp", "cp", "<= 1.3x cp, <= 100 MB", edit_target)
+        if R[key].ok and R["cp sync"].ok:
+            op, w, mib, ratio, tgt, pf = rows[-1]
+            rows[-1] = (op, w, mib, f"{ratio}; {R[key].wall / R['cp sync'].wall:.2f}x cp+sync", tgt, pf)
+    row(f"torch.load + edit lr + torch.save {bl}", "torch edit", "cp", "cp")
+
+    hdr = ("operation", "wall s", "peak RSS MiB", "ratio vs reference", "target", "pass/fail")
+    table = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    table += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    total = time.perf_counter() - t_start
+    load = (f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "
+            f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end "
+            f"(anything else running on the {os.cpu_count()} CPUs makes the numbers noisier)")
+    text = "\n".join(machine_header(files, a.quick) + table +
+                     ["", f"Total benchmark time: {total:.0f} s; {load}. MB = 10^6 bytes, MiB = 2^20 bytes.", ""])
+    print(text)
+    pathlib.Path(a.out).write_text(text)
+    log(f"wrote {a.out}")
+
+    for p in (OUTDIR / "_stdout.txt", OUTDIR / "_stderr.txt", OUTDIR / "_rss.txt"):
+        p.unlink(missing_ok=True)
+    if not a.keep:
+        for p in (big, small):
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+        log("removed the built inputs (use --keep to cache them in bench/out/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
