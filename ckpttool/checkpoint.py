@@ -19,7 +19,7 @@ from .formats.legacy import read_legacy
 from .formats.nodes import Global, Storage, TensorRef
 from .formats.safetensors import SafeTensor, read_safetensors
 from .formats.torchzip import Archive, read_archive, read_record
-from .formats.unpickler import Unpickled, unpickle
+from .formats.unpickler import PickleTruncated, Unpickled, unpickle
 from .tree import resolve
 
 if TYPE_CHECKING:
@@ -170,6 +170,10 @@ def _sniff_error(path: str, head: bytes, size: int) -> UnreadableError:
     h = head.lstrip()
     if size == 0:
         what = "an empty file (0 bytes): the save was interrupted or never happened"
+    elif size < 22 and (b"PK\x03\x04".startswith(head) or head.startswith(b"PK")
+                        or _LEGACY_MAGIC.startswith(head)):
+        what = (f"only {size} bytes, the start of a checkpoint: truncated (the save was "
+                "interrupted or the copy is incomplete)")
     elif h.startswith(b"version https://git-lfs"):
         what = ("a Git LFS pointer, not the checkpoint itself: run `git lfs pull` to fetch "
                 "the real file")
@@ -194,6 +198,9 @@ def _sniff_error(path: str, head: bytes, size: int) -> UnreadableError:
     return UnreadableError(f"{path}: {what}")
 
 
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
 def _looks_safetensors(head: bytes, size: int) -> bool:
     if len(head) < 10:
         return False
@@ -210,6 +217,8 @@ def read_file(path: str, name: str = "", allow_pickle: bool = False) -> Checkpoi
         # a malformed file can trip the parsers anywhere; say so instead of a traceback
         raise UnreadableError(f"{path}: corrupt or not a checkpoint "
                               f"({type(e).__name__}: {e})") from None
+    except OSError as e:  # e.g. a read at an offset the file's metadata made up, or EIO
+        raise UnreadableError(f"{path}: cannot read the file ({e.strerror or e})") from None
 
 
 def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
@@ -226,7 +235,7 @@ def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
         head = os.pread(fd, 300, 0)
         if head.startswith(b"PK\x03\x04") or (head.startswith(b"PK") and size > 22):
             return _read_zip(path, name, fd, size)
-        if head.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"):
+        if head.startswith(_LEGACY_MAGIC):
             return _read_legacy(path, name, fd, size)
         if _looks_safetensors(head, size):
             tensors, meta = read_safetensors(path, fd, size)
@@ -284,10 +293,15 @@ def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         try:
             main, meta = read_legacy(path, data, size)
             break
-        except UnreadableError:
+        except PickleTruncated as e:  # only a cut-off pickle can parse with a longer prefix
             if limit >= size:
-                raise
+                raise UnreadableError(f"{path}: legacy torch file, truncated or corrupt: "
+                                      f"{e}") from None
             limit *= 8
+        except UnreadableError as e:
+            if str(e).startswith(f"{path}: "):
+                raise
+            raise UnreadableError(f"{path}: legacy torch file: {e}") from None
     f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, main.globals,
                        main.storages, _tensors(main), extra=meta)
     _read_tiny_values(fd, f)

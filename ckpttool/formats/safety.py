@@ -72,18 +72,62 @@ _DANGEROUS_MODULES = (
     "numpy.lib.npyio", "numpy.ctypeslib", "numpy.f2py", "numpy.testing", "numpy.distutils",
     "copyreg", "_posixsubprocess", "select", "selectors", "mmap", "resource", "fcntl",
     "platform", "ssl", "sqlite3", "logging.config",
+    # more ways to run code, load a pickle, write files or reach the network
+    "numpy.lib._npyio_impl", "numpy.lib.format", "numpy.lib._format_impl", "numpy.f2py",
+    "torch._ops", "torch.classes", "torch.utils.model_zoo", "torch.utils.collect_env",
+    "torch.utils.benchmark", "torch.utils.data", "torch.utils.tensorboard", "torch.testing",
+    "torch.export", "torch._export", "torch.onnx", "torch.compiler", "torch._functorch",
+    "torch._higher_order_ops", "torch._weights_only_unpickler", "torch._load_global_deps",
+    "_ctypes", "_imp", "_frozen_importlib", "_frozen_importlib_external", "_functools",
+    "_multiprocessing", "_posixshmem", "_socket", "_sqlite3", "_lsprof", "_winapi", "msvcrt",
+    "winreg", "_osx_support", "_aix_support", "_testcapi", "_testinternalcapi", "test",
+    "unittest", "doctest", "pydoc", "pstats", "compileall", "py_compile", "rlcompleter",
+    "dataclasses", "antigravity", "uuid", "zipfile", "tarfile", "gzip", "bz2", "lzma", "dbm",
+    "mailbox", "fileinput", "socketserver", "wsgiref", "imaplib", "poplib", "nntplib",
+    "logging.handlers", "cgi", "cgitb", "idlelib", "tkinter", "turtle", "ipykernel", "IPython",
+    "requests", "httpx", "urllib3", "aiohttp", "yaml", "jinja2", "sympy", "numexpr",
+    "pandas.io", "cffi",
 )
 # Specific names that are dangerous although their module is not.
 _DANGEROUS_NAMES = frozenset({
     "torch.load", "torch.save", "torch.compile", "torch.from_file", "numpy.load",
     "numpy.fromfile", "numpy.save", "numpy.memmap", "pathlib.Path.write_text",
+    "numpy.savez", "numpy.savetxt", "numpy.loadtxt", "numpy.genfromtxt", "numpy.vectorize",
+    "numpy.frompyfunc", "numpy.DataSource", "pandas.read_pickle", "pandas.eval",
+    "logging.FileHandler", "logging.basicConfig", "torch.hub", "torch.jit",
 })
 # Names in dangerous modules that are plain data constructors used by real checkpoints.
 _DATA_EXCEPTIONS = frozenset({"copyreg._reconstructor", "builtins.object"})
 
 
 def classify(module: str, name: str) -> str:
-    """Return "allowed", "opaque" or "dangerous" for the global ``module.name``."""
+    """Return "allowed", "opaque" or "dangerous" for the global ``module.name``.
+
+    Protocol 0-2 pickles are loaded with ``fix_imports``: Python 2 names such as
+    ``cPickle.loads`` or ``__builtin__.reduce`` resolve to ``pickle.loads`` and
+    ``functools.reduce``, so the mapped name is judged too and the stricter verdict wins.
+    """
+    verdict = _classify(module, name)
+    mapped = _py2_mapped(module, name)
+    if mapped is None:
+        return verdict
+    m = _classify(*mapped)
+    if module in ("__builtin__", "exceptions"):  # these names exist only through the map
+        return m
+    return "dangerous" if "dangerous" in (verdict, m) else verdict
+
+
+def _py2_mapped(module: str, name: str) -> tuple[str, str] | None:
+    # _compat_pickle is the table pickle itself uses; it is data only and imports nothing
+    import _compat_pickle as cp
+    if (module, name) in cp.NAME_MAPPING:
+        return cp.NAME_MAPPING[(module, name)]
+    if module in cp.IMPORT_MAPPING:
+        return cp.IMPORT_MAPPING[module], name
+    return None
+
+
+def _classify(module: str, name: str) -> str:
     mod = "builtins" if module == "__builtin__" else module
     qual = f"{mod}.{name}"
     if qual in ALLOWED:

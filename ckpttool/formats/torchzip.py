@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from ..errors import UnreadableError
 
 MAX_PICKLE_BYTES = 1 << 30
+MAX_DEFLATE_RATIO = 1000  # deflate rarely beats ~10x on pickles; zeros reach ~1000x
 
 _EOCD = struct.Struct("<4s4H2LH")
 _EOCD64_LOC = struct.Struct("<4sLQL")
@@ -150,15 +151,30 @@ def read_record(path: str, fd: int, rec: Record, limit: int = MAX_PICKLE_BYTES) 
     if rec.usize > limit:
         raise UnreadableError(f"{path}: record {rec.name} would be {rec.usize} bytes, over the "
                               f"{limit}-byte limit")
-    raw = os.pread(fd, rec.size, rec.data_offset)
     if rec.method == 0:
-        return raw
-    if rec.method == 8:
+        out = os.pread(fd, rec.size, rec.data_offset)
+    elif rec.method == 8:
+        if rec.usize > (16 << 20) and rec.usize > MAX_DEFLATE_RATIO * max(rec.size, 1):
+            raise UnreadableError(f"{path}: record {rec.name} would inflate {rec.size} bytes "
+                                  f"to {rec.usize} (zip bomb?)")
+        raw = os.pread(fd, rec.size, rec.data_offset)
         d = zlib.decompressobj(-15)
-        out = d.decompress(raw, limit + 1)
-        if len(out) > limit:
-            raise UnreadableError(f"{path}: record {rec.name} inflates past {limit} bytes "
-                                  "(zip bomb?)")
-        return out
-    raise UnreadableError(f"{path}: record {rec.name} uses zip compression method "
-                          f"{rec.method}, which torch does not write")
+        try:
+            out = d.decompress(raw, rec.usize + 1)  # never more than declared (plus one)
+        except zlib.error:
+            raise UnreadableError(f"{path}: record {rec.name} is not valid deflate data "
+                                  "(corrupt)") from None
+        if len(out) > rec.usize:
+            raise UnreadableError(f"{path}: record {rec.name} inflates past its declared "
+                                  f"{rec.usize} bytes (corrupt, or a zip bomb)")
+    else:
+        raise UnreadableError(f"{path}: record {rec.name} uses zip compression method "
+                              f"{rec.method}, which torch does not write")
+    if len(out) != rec.usize:
+        raise UnreadableError(f"{path}: record {rec.name} holds {len(out)} bytes, not the "
+                              f"{rec.usize} its zip entry declares (truncated or corrupt)")
+    # torch may write CRC 0 (serialization config compute_crc32=False): only check real ones
+    if rec.crc and zlib.crc32(out) != rec.crc:
+        raise UnreadableError(f"{path}: record {rec.name} fails its CRC check (corrupt: a "
+                              "flipped bit or a bad copy)")
+    return out

@@ -23,6 +23,11 @@ from .safety import classify
 MAX_STACK = 1_000_000
 MAX_DEPTH = 400
 MAX_EXPANDED = 20_000_000
+MAX_HASH_WORK = 1_000_000  # tuple elements hashed as dict keys / set members, per pickle
+
+
+class PickleTruncated(PickleError):
+    """The pickle runs past the end of the bytes given (a longer prefix may parse)."""
 
 
 class _Mark:
@@ -52,7 +57,8 @@ class Unpickled:
         return sorted(q for q, g in self.globals.items() if g.safety == "opaque")
 
 
-def _evaluate_builtin(func: Global, args: tuple[Any, ...]) -> Any:
+def _evaluate_builtin(func: Global, args: tuple[Any, ...],
+                      check_hashable: Callable[[Any], None]) -> Any:
     """Our own implementation of a few harmless constructors, or NotImplemented."""
     q = func.qualname.replace("__builtin__.", "builtins.")
     if q == "collections.OrderedDict" and args == ():
@@ -66,6 +72,7 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...]) -> Any:
         return b""
     if q in ("builtins.set", "builtins.frozenset") and len(args) == 1 \
             and isinstance(args[0], list):
+        check_hashable(args[0])
         try:
             return set(args[0]) if q == "builtins.set" else frozenset(args[0])
         except TypeError:  # unhashable members: keep the call as recorded
@@ -92,14 +99,21 @@ class _Reader:
         self.global_nodes: dict[tuple[str, str], Global] = {}
         self.storages: dict[str, Storage] = {}
         self.tensors: list[TensorRef] = []
+        self.hash_work = MAX_HASH_WORK
 
     # -- helpers ---------------------------------------------------------------------------
     def fail(self, what: str) -> PickleError:
         return PickleError(f"malformed pickle at byte {self.pos}: {what}")
 
+    def truncated(self, what: str) -> PickleError:
+        return PickleTruncated(f"malformed pickle at byte {self.pos}: {what}")
+
     def read(self, n: int) -> memoryview:
-        if n < 0 or self.pos + n > len(self.data):
-            raise self.fail(f"needs {n} more bytes but the pickle ends (truncated or corrupt)")
+        if n < 0:
+            raise self.fail(f"negative length {n}")
+        if self.pos + n > len(self.data):
+            raise self.truncated(f"needs {n} more bytes but the pickle ends "
+                                 "(truncated or corrupt)")
         b = self.data[self.pos:self.pos + n]
         self.pos += n
         return b
@@ -108,6 +122,8 @@ class _Reader:
         data = self.data
         end = bytes(data[self.pos:self.pos + 65536]).find(b"\n")
         if end < 0:
+            if len(data) - self.pos < 65536:
+                raise self.truncated("line opcode without newline")
             raise self.fail("line opcode without newline")
         line = bytes(data[self.pos:self.pos + end])
         self.pos += end + 1
@@ -127,6 +143,20 @@ class _Reader:
         if not self.stack:
             raise self.fail("stack underflow")
         return self.stack[-1]
+
+    def check_hashable(self, items: Any) -> None:
+        """Refuse tuples whose hashing would recurse too deep in C (a crash) or, through
+        shared parts, cost more than the budget (exponential time). Strings, numbers and
+        frozensets (their hash is cached) are cheap; only tuples are walked."""
+        todo = [(x, 0) for x in items if type(x) is tuple]
+        while todo:
+            t, depth = todo.pop()
+            self.hash_work -= 1 + len(t)
+            if self.hash_work < 0:
+                raise self.fail("dict keys / set members too costly to hash (a hash bomb?)")
+            if depth >= MAX_DEPTH:
+                raise self.fail(f"dict key / set member nests deeper than {MAX_DEPTH} levels")
+            todo.extend([(x, depth + 1) for x in t if type(x) is tuple])
 
     def pop_mark(self) -> list[Any]:
         if not self.metastack:
@@ -152,14 +182,34 @@ class _Reader:
             raise self.fail("call arguments are not a tuple")
         if isinstance(func, Global):
             if kind == "reduce" and func.safety != "dangerous":
-                value = _evaluate_builtin(func, args)
+                value = _evaluate_builtin(func, args, self.check_hashable)
                 if value is not NotImplemented:
                     return value
             if func.qualname in TENSOR_REBUILDERS or func.qualname in PARAMETER_REBUILDERS:
                 t = TensorRef(func, args, kind)
+                if func.qualname in TENSOR_REBUILDERS:
+                    self.check_tensor(t)
                 self.tensors.append(t)
                 return t
         return Reduce(func, args, kind)
+
+    def check_tensor(self, t: TensorRef) -> None:
+        """Refuse a tensor whose metadata torch would refuse: later code trusts it."""
+        a = t.args
+        if len(a) < 4 or not isinstance(a[0], Storage) or type(a[1]) is not int or a[1] < 0:
+            raise self.fail("malformed tensor (expected storage, offset, size, stride)")
+        size = a[2].args[0] if isinstance(a[2], Reduce) and a[2].args else a[2]
+        stride = a[3]
+        if not isinstance(size, (tuple, list)) or not isinstance(stride, (tuple, list)) \
+                or len(size) != len(stride) \
+                or not all(type(x) is int and x >= 0 for x in size) \
+                or not all(type(x) is int and x >= 0 for x in stride):
+            raise self.fail("malformed tensor size or stride")
+        if 0 not in size:
+            last = a[1] + sum((d - 1) * s for d, s in zip(size, stride))
+            if (last + 1) * t.itemsize > a[0].nbytes:
+                raise self.fail(f"tensor of size {list(size)} runs past its storage "
+                                f"{a[0].key} ({a[0].nbytes} bytes)")
 
     def persistent(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"
@@ -180,7 +230,7 @@ class _Reader:
         n = len(data)
         while True:
             if self.pos >= n:
-                raise self.fail("pickle ends without STOP (truncated)")
+                raise self.truncated("pickle ends without STOP (truncated)")
             op = data[self.pos]
             self.pos += 1
             if op == 0x2E:  # STOP
@@ -437,8 +487,10 @@ def _empty_set(r: _Reader) -> None:
 
 @_op(b"\x91")
 def _frozenset(r: _Reader) -> None:
+    items = r.pop_mark()
+    r.check_hashable(items)
     try:
-        r.push(frozenset(r.pop_mark()))
+        r.push(frozenset(items))
     except TypeError:
         raise r.fail("unhashable frozenset member") from None
 
@@ -449,6 +501,7 @@ def _additems(r: _Reader) -> None:
     s = r.top()
     if not isinstance(s, set):
         raise r.fail("ADDITEMS on a non-set")
+    r.check_hashable(items)
     try:
         s.update(items)
     except TypeError:
@@ -478,6 +531,8 @@ def _appends(r: _Reader) -> None:
 
 def _setitem(r: _Reader, target: Any, k: Any, v: Any) -> None:
     if isinstance(target, dict):
+        if type(k) is tuple:
+            r.check_hashable((k,))
         try:
             target[k] = v
         except TypeError:
