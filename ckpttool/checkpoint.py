@@ -245,7 +245,10 @@ def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
             return _read_json(path, name, fd, size)
         if allow_pickle and head[:1] == b"\x80":
             data = os.pread(fd, size, 0)
-            u = unpickle(data)
+            try:
+                u = unpickle(data)
+            except UnreadableError as e:
+                raise UnreadableError(f"{path}: {e}") from None
             return CheckpointFile(name, path, "pickle", size, u.root, globals=u.globals,
                                   storages=u.storages)
         raise _sniff_error(path, head, size)
@@ -302,7 +305,17 @@ def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
             if str(e).startswith(f"{path}: "):
                 raise
             raise UnreadableError(f"{path}: legacy torch file: {e}") from None
-    f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, main.globals,
+    # torch.load unpickles all five pickles: globals named outside the main object count too
+    globals_ = dict(main.globals)
+    pos = 0
+    for _ in range(3):  # magic number, protocol version, sys_info
+        part = unpickle(data, pos)
+        pos = part.end
+        for q, g in part.globals.items():
+            globals_.setdefault(q, g)
+    for q, g in unpickle(data, main.end).globals.items():  # storage keys
+        globals_.setdefault(q, g)
+    f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, globals_,
                        main.storages, _tensors(main), extra=meta)
     _read_tiny_values(fd, f)
     return f

@@ -825,3 +825,87 @@ def test_fuzz(tmp_path: Path) -> None:
         except BaseException:
             shutil.copy(p, tmp_path / f"crash_{i}.pt")
             raise
+
+
+# --------------------------------------------------------------------------------------------
+# legacy (non-zip) files: every one of the five pickles is unpickled by torch.load
+
+LEGACY = FIX / "imagenet_style_legacy.pth"
+
+
+def _legacy_parts() -> list[bytes]:
+    from ckpttool.formats.unpickler import unpickle
+    data = LEGACY.read_bytes()
+    parts, pos = [], 0
+    for _ in range(5):
+        end = unpickle(data, pos).end
+        parts.append(data[pos:end])
+        pos = end
+    return [*parts, data[pos:]]
+
+
+@pytest.mark.parametrize("which", [0, 2, 3, 4])  # magic, sys_info, main object, storage keys
+def test_legacy_malicious_pickle_in_any_part(tmp_path: Path, which: int) -> None:
+    marker = tmp_path / "pwned"
+    parts = _legacy_parts()
+    evil = call(G("os", "system"), U(f"touch {marker}")) + b"0"  # run it, drop the result
+    p = parts[which]
+    # torch.load would run the call, then go on with the original value
+    if which == 0:
+        # keep the exact leading bytes torch sniffs: push the magic, pop it, call
+        # os.system, pop, push the magic again
+        parts[0] = p[:14] + b"0" + evil + p[2:]
+    else:
+        parts[which] = p[:2] + evil + p[2:]
+    path = tmp_path / "legacy_evil.pth"
+    path.write_bytes(b"".join(parts))
+    ckpt = ckpttool.open(path)
+    assert ckpt.format == "torch-legacy"
+    assert ckpt.unsafe_globals == ["os.system"]
+    assert [o.type for o in ckpt.optimizers] == ["SGD"]
+    assert not marker.exists()
+
+
+def test_legacy_truncated_names_file(tmp_path: Path) -> None:
+    data = LEGACY.read_bytes()
+    for n, cut in enumerate((30, 500, 1700, len(data) - 5)):
+        p = tmp_path / f"legacy_cut{n}.pth"
+        p.write_bytes(data[:cut])
+        msg = _open_error(p)
+        assert "truncated" in msg
+
+
+def test_folder_with_malicious_raw_pickle(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    d = tmp_path / "acc"
+    shutil.copytree(FIX / "accelerate_state", d)
+    evil = b"\x80\x04" + call(G("posix", "system"), U(f"touch {marker}")) + b"."
+    (d / "random_states_1.pkl").write_bytes(evil)
+    ckpt = ckpttool.open(d)
+    assert ckpt.unsafe_globals == ["posix.system"]
+    assert not marker.exists()
+    (d / "random_states_1.pkl").write_bytes(evil[:-3])  # truncated: clean error naming it
+    msg = _open_error(d)
+    assert str(d / "random_states_1.pkl") in msg and "truncated" in msg
+
+
+def test_dcp_folder_metadata_is_never_unpickled(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    d = tmp_path / "dcp"
+    d.mkdir()
+    (d / ".metadata").write_bytes(b"\x80\x04" + call(G("os", "system"), U(f"touch {marker}"))
+                                  + b".")
+    (d / "__0_0.distcp").write_bytes(b"\0" * 16)
+    assert "distributed.checkpoint" in _open_error(d)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("pkl", [b"V\\u12\n.", b"S'\\x4'\n.", b"I99999999999999999999" + b"9" * 5000
+                                 + b"\n.", b"\x80\x02(\x91.", b"\x80\x02}\x8a\x01\x01\x8f\x8fs."])
+def test_unpickler_raises_only_pickle_error(pkl: bytes) -> None:
+    from ckpttool.errors import PickleError
+    from ckpttool.formats.unpickler import unpickle
+    try:
+        unpickle(pkl)
+    except PickleError:
+        pass

@@ -373,7 +373,10 @@ def _binunicode8(r: _Reader) -> None:
 
 @_op(b"V")
 def _unicode(r: _Reader) -> None:
-    r.push(r.readline().decode("raw-unicode-escape"))
+    try:
+        r.push(r.readline().decode("raw-unicode-escape"))
+    except UnicodeDecodeError:
+        raise r.fail("bad UNICODE escape") from None
 
 
 def _py2_str(b: bytes) -> str:
@@ -390,7 +393,10 @@ def _string(r: _Reader) -> None:
     if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
         raise r.fail("bad STRING")
     import codecs
-    r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
+    try:
+        r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
+    except ValueError:
+        raise r.fail("bad STRING escape") from None
 
 
 @_op(b"T")
