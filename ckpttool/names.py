@@ -123,11 +123,12 @@ def _align_by_owner(groups: list[list[tuple[int, ...] | None]],
                 return None
     result: list[list[int]] = [[] for _ in groups]
     for pos, (name, shape) in enumerate(model):
-        g = owner.get(shape)
-        if g is None or len(result[g]) >= len(groups[g]) or groups[g][len(result[g])] != shape:
+        owned = owner.get(shape)
+        if owned is None or len(result[owned]) >= len(groups[owned]) \
+                or groups[owned][len(result[owned])] != shape:
             return (f"no order of the groups fits the model: {name} has shape {list(shape)} "
                     "where no param of that shape can come next")
-        result[g].append(pos)
+        result[owned].append(pos)
     return result
 
 

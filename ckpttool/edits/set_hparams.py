@@ -35,7 +35,7 @@ def _type_ok(default: Any, value: Any) -> bool:
 def _fits_option(option: str, values: dict[str, Any]) -> bool:
     """Does a group with ``values`` have the option "key=value" (as knowledge spells it)?"""
     key, _, want = option.partition("=")
-    v = values.get(key)
+    v: Any = values.get(key)
     if want in ("true", "false"):
         return bool(v) == (want == "true")
     try:
