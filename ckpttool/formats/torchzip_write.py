@@ -125,8 +125,21 @@ class _Out:
         self.done = 0
         self._kernel_copy = True
         self._sendfile = True
+        # A source range whose copy is deferred, so that adjacent records (and the headers
+        # between them, when they are the same bytes as in the source) go in one kernel copy:
+        # [src_fd, src_offset, length]. ext4 copies one long range about twice as fast as
+        # a thousand record-sized ones.
+        self.pending: list[int] | None = None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        pend = self.pending
+        if pend is not None:
+            n = len(data)
+            if n <= 4096 and os.pread(pend[0], n, pend[1] + pend[2]) == bytes(data):
+                pend[2] += n  # the same bytes follow in the source: copy them along
+                self.pos += n
+                return
+            self.flush()
         mv = memoryview(data)
         while mv:
             n = os.write(self.fd, mv)
@@ -170,14 +183,29 @@ class _Out:
         return self._copy_crc(p)
 
     def _copy(self, p: Payload) -> None:
-        """Kernel-side copy of a file range (CRC already known)."""
-        off, left = p.src_offset, p.size
+        """Kernel-side copy of a file range (CRC already known), deferred to :meth:`flush`."""
+        assert p.src_fd is not None
+        pend = self.pending
+        if pend is not None and pend[0] == p.src_fd and pend[1] + pend[2] == p.src_offset:
+            pend[2] += p.size
+        else:
+            self.flush()
+            self.pending = [p.src_fd, p.src_offset, p.size]
+        self.pos += p.size
+        self._tick(p.size)
+
+    def flush(self) -> None:
+        """Copy the deferred source range to the file position."""
+        pend, self.pending = self.pending, None
+        if pend is None:
+            return
+        src_fd, off, left = pend
         while left:
             want = min(left, COPY_CHUNK)
             n = -1
             if self._kernel_copy and hasattr(os, "copy_file_range"):
                 try:
-                    n = os.copy_file_range(p.src_fd, self.fd, want, off)
+                    n = os.copy_file_range(src_fd, self.fd, want, off)
                 except OSError as e:
                     if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP,
                                        errno.EINVAL, errno.EPERM, errno.ENOTSUP):
@@ -186,24 +214,23 @@ class _Out:
                     n = -1
             if n < 0 and self._sendfile and hasattr(os, "sendfile"):
                 try:
-                    n = os.sendfile(self.fd, p.src_fd, off, want)
+                    n = os.sendfile(self.fd, src_fd, off, want)
                 except OSError as e:
                     if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         raise
                     self._sendfile = False
                     n = -1
             if n < 0:
-                data = os.pread(p.src_fd, min(want, CHUNK), off)
-                self.write(data)
+                data = os.pread(src_fd, min(want, CHUNK), off)
+                mv = memoryview(data)
+                while mv:
+                    mv = mv[os.write(self.fd, mv):]
                 n = len(data)
-                self.pos -= n  # counted below
             if n == 0:
-                raise CkptError(f"record {p.src_name}: the source file ends early "
-                                "(was it truncated while being copied?)")
+                raise CkptError("the source file ends early (was it truncated while being "
+                                "copied?)")
             off += n
             left -= n
-            self.pos += n
-            self._tick(n)
 
     def _copy_crc(self, p: Payload) -> int:
         """Copy through user space, computing the CRC32 on the way."""
@@ -279,4 +306,5 @@ def write_archive(fd: int, prefix: str, records: list[tuple[str, Payload]], *,
     out.write(_EOCD64_LOC.pack(b"PK\x06\x07", 0, eocd64_off, 1))
     out.write(_EOCD.pack(b"PK\x05\x06", 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
                          min(len(cd), U32_MAX), min(cd_off, U32_MAX), 0))
+    out.flush()
     return written
