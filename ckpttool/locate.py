@@ -121,10 +121,17 @@ class Found:
     models: list[ModelState] = field(default_factory=list)
 
 
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def is_optimizer_state(obj: Any) -> bool:
+    """A mapping shaped like ``Optimizer.state_dict()``: int-keyed state, groups of int ids."""
     return (isinstance(obj, dict) and isinstance(obj.get("state"), dict)
             and isinstance(obj.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+            and all(_is_id(k) for k in obj["state"])
+            and all(isinstance(g, dict) and all(isinstance(k, str) for k in g)
+                    and isinstance(g.get("params"), list) and all(_is_id(p) for p in g["params"])
                     for g in obj["param_groups"]))
 
 

@@ -116,7 +116,9 @@ def summary(v: Any) -> str:
     if isinstance(v, (list, tuple)):
         return f"{type(v).__name__} of {len(v)}"
     if isinstance(v, Reduce):
-        return f"{v.qualname} (opaque)"
+        func = v.func
+        unsafe = isinstance(func, Global) and func.safety == "dangerous"
+        return f"{v.qualname} ({'UNSAFE: runs code on load' if unsafe else 'opaque'})"
     return fmt(v)
 
 

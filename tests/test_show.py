@@ -105,7 +105,7 @@ def test_unsafe_fixture_is_described_without_running(tmp_path: Path) -> None:
     doc = show_json(ckpt)
     assert doc["unsafe"] is True
     assert doc["unsafe_globals"] == ["posix.system"]
-    assert doc["top_level"]["payload"] == "posix.system (opaque)"
+    assert doc["top_level"]["payload"] == "posix.system (UNSAFE: runs code on load)"
     assert doc["optimizers"][0]["type"] == "SGD"
     result = CliRunner().invoke(cli, ["show", str(FIXTURES / "unsafe_exec.pt")])
     assert result.exit_code == 0
@@ -330,3 +330,24 @@ def test_no_names_when_a_group_lists_params_out_of_model_order(tmp_path: Path) -
     assert names == [[None, None]] and source is None
     assert note == ("/model: no order of the groups fits the model: 0.weight has shape [3, 4] "
                     "where no param of that shape can come next")
+
+
+def test_render_survives_mutated_fixtures(tmp_path: Path) -> None:
+    """Whatever the reader accepts, show renders (text and JSON) or fails with CkptError."""
+    import random
+    rng = random.Random(7)
+    sources = [FIXTURES / n for n in ("imagenet_style.pth", "gan.pt", "optim_adam.pt",
+                                      "imagenet_style_legacy.pth", "optim_lbfgs.pt")]
+    from ckpttool.render import show_text
+    for i in range(400):
+        data = bytearray(rng.choice(sources).read_bytes())
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(len(data) // 2)] = rng.randrange(256)
+        path = tmp_path / f"m{i}.pt"
+        path.write_bytes(bytes(data))
+        try:
+            ckpt = ckpttool.open(path)
+            show_text(ckpt, show_all=True)
+            json.dumps(show_json(ckpt))
+        except ckpttool.CkptError:
+            pass
