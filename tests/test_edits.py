@@ -289,15 +289,13 @@ def test_set_lr_lightning(tmp_path: Path) -> None:
 
 def hf_linear(warmup: int, total: int) -> Callable[[int], float]:
     """transformers' get_linear_schedule_with_warmup lambda."""
-    get_linear_schedule_with_warmup = pytest.importorskip(
-        "transformers").get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     return get_linear_schedule_with_warmup(opt, warmup, total).lr_lambdas[0]
 
 
 def test_set_lr_hf_trainer_base_lr(tmp_path: Path) -> None:
-    get_linear_schedule_with_warmup = pytest.importorskip(
-        "transformers").get_linear_schedule_with_warmup
+    from transformers import get_linear_schedule_with_warmup
     folder = copy_fixture("hf_trainer/checkpoint-4", tmp_path)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     # the linear schedule decayed to 0 at step 4: no current lr to scale
@@ -340,7 +338,7 @@ def test_set_lr_hf_trainer_base_lr(tmp_path: Path) -> None:
 
 
 def accelerate_resume(folder: Path, steps: int = RESUME_STEPS) -> list[list[float]]:
-    load_file = pytest.importorskip("safetensors.torch").load_file
+    from safetensors.torch import load_file
     torch.manual_seed(0)
     model = tiny()
     model.load_state_dict(load_file(folder / "model.safetensors"))

@@ -31,8 +31,9 @@ def torch_load(path: Path) -> Any:
 def torch_tree(fixture: dict[str, Any]) -> Any:
     path = FIXTURES / fixture["path"]
     if path.is_dir():
-        return {f["name"]: torch_load(path / f["name"]) for f in fixture["files"]
-                if f["format"] in ("zip",)}
+        # the optimizer / scheduler files (RNG state and TrainingArguments need other packages)
+        wanted = {p["pointer"].split("/")[1] for p in fixture["optimizers"] + fixture["schedulers"]}
+        return {n: torch_load(path / n) for n in wanted}
     return torch_load(path)
 
 
