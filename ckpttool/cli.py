@@ -37,7 +37,7 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(readable=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document (schema 1).")
 @click.option("--optimizer", "pointer", metavar="POINTER",
               help="Only the optimizer at this JSON Pointer (e.g. /optimizer).")
@@ -115,7 +115,7 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
 
 
 @cli.command("set-lr")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(readable=False))
 @click.argument("lr", type=float)
 @click.option("--group", "groups", type=int, multiple=True, help="Only this group (repeatable).")
 @click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
@@ -143,7 +143,7 @@ def set_lr_cmd(path: str, lr: float, groups: tuple[int, ...], optimizer: str | N
 
 
 @cli.command("set")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(readable=False))
 @click.argument("assignments", nargs=-1, required=True, metavar="KEY=VALUE...")
 @click.option("--group", "groups", type=int, multiple=True, help="Only this group (repeatable).")
 @click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
@@ -180,7 +180,7 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, Any]:
 
 
 @cli.command()
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(readable=False))
 @click.argument("device")
 @click.option("--pointer", default="", metavar="POINTER",
               help="Only storages under this JSON Pointer (default: everything).")
@@ -202,7 +202,7 @@ def move(path: str, device: str, pointer: str, output: str | None, force: bool, 
 
 
 @cli.command("merge-groups")
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(readable=False))
 @click.option("--groups", "groups", metavar="0,2", help="Groups to merge (default: all).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Value for a hyperparameter that differs between the groups.")

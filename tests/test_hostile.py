@@ -715,18 +715,23 @@ def test_directory_missing_and_permission(tmp_path: Path) -> None:
     (d / "notes.txt").write_text("hi")
     _cli_error(d, "no checkpoint")
     _cli_error(tmp_path / "missing.pt", "no such file")
-    locked = tmp_path / "locked.pt"
-    shutil.copy(SGD, locked)
-    locked.chmod(0)
+    # A file its reader may not read. Root reads mode-0 files anyway, so as root the CLI
+    # runs without the capabilities that override file permissions (util-linux setpriv).
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="ckpttool-perm-"))
     try:
-        if os.geteuid() == 0:
-            # root reads mode-0 files anyway: the file is simply readable
-            r = cli("show", locked)
-            assert r.returncode == 0
-            pytest.skip("running as root: chmod 0 does not stop reads (checked readable)")
-        _cli_error(locked, "permission denied")
+        folder.chmod(0o755)
+        locked = folder / "locked.pt"
+        shutil.copy(SGD, locked)
+        locked.chmod(0)
+        drop = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"] \
+            if os.geteuid() == 0 else []
+        r = subprocess.run([*drop, sys.executable, "-m", "ckpttool", "show", str(locked)],
+                           capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert r.returncode == 3, (r.stdout, r.stderr)
+        assert r.stderr == f"Error: {locked}: permission denied (cannot read the file)\n"
     finally:
-        locked.chmod(0o644)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_flipped_bit_in_data_pkl_cli(tmp_path: Path) -> None:
