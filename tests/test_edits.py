@@ -242,16 +242,6 @@ def test_set_lr_ambiguous_scheduler(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # set-lr on real trainer outputs
 
-def copy_fixture(name: str, tmp_path: Path) -> Path:
-    src = FIXTURES / name
-    dst = tmp_path / src.name
-    if src.is_dir():
-        shutil.copytree(src, dst)
-    else:
-        shutil.copy2(src, dst)
-    return dst
-
-
 def lightning_resume(path: Path, steps: int = RESUME_STEPS) -> list[list[float]]:
     """What Lightning does on resume: Adam + StepLR as configure_optimizers builds them,
     then optimizer_states[0] and lr_schedulers[0] loaded into them."""
@@ -266,9 +256,9 @@ def lightning_resume(path: Path, steps: int = RESUME_STEPS) -> list[list[float]]
     return train(model, opt, sched, steps)
 
 
-def test_set_lr_lightning(tmp_path: Path) -> None:
+def test_set_lr_lightning(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
     orig = FIXTURES / "lightning" / "epoch=0-step=3.ckpt"
-    path = copy_fixture("lightning/epoch=0-step=3.ckpt", tmp_path)
+    path = copy_fixture("lightning/epoch=0-step=3.ckpt")
     saved = torch.load(orig)["optimizer_states"][0]["param_groups"][0]["lr"]
     out = run("set-lr", path, LR).stdout
     assert "/optimizer_states/0" in out and "/lr_schedulers/0" in out
@@ -294,9 +284,9 @@ def hf_linear(warmup: int, total: int) -> Callable[[int], float]:
     return get_linear_schedule_with_warmup(opt, warmup, total).lr_lambdas[0]
 
 
-def test_set_lr_hf_trainer_base_lr(tmp_path: Path) -> None:
+def test_set_lr_hf_trainer_base_lr(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
     from transformers import get_linear_schedule_with_warmup
-    folder = copy_fixture("hf_trainer/checkpoint-4", tmp_path)
+    folder = copy_fixture("hf_trainer/checkpoint-4")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     # the linear schedule decayed to 0 at step 4: no current lr to scale
     err = run("set-lr", folder, LR, code=1).stderr
@@ -350,9 +340,9 @@ def accelerate_resume(folder: Path, steps: int = RESUME_STEPS) -> list[list[floa
     return train(model, opt, sched, steps)
 
 
-def test_set_lr_accelerate(tmp_path: Path) -> None:
+def test_set_lr_accelerate(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
     orig = FIXTURES / "accelerate_state"
-    folder = copy_fixture("accelerate_state", tmp_path)
+    folder = copy_fixture("accelerate_state")
     saved = torch.load(orig / "optimizer.bin")["param_groups"][0]["lr"]
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     run("set-lr", folder, LR)
@@ -377,8 +367,8 @@ def adam_two_groups(model: nn.Module, **kw: Any) -> torch.optim.Adam:
                              {"params": model[2].parameters(), "lr": 1e-3}], **kw)
 
 
-def test_set_amsgrad_adds_state_torch_can_use(tmp_path: Path) -> None:
-    path = copy_fixture("optim_adam.pt", tmp_path)
+def test_set_amsgrad_adds_state_torch_can_use(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("optim_adam.pt")
     old = torch.load(FIXTURES / "optim_adam.pt")
     out = run("set", path, "amsgrad=true").stdout
     assert out.count("\n") == 1 and "amsgrad" in out
@@ -408,8 +398,8 @@ def test_set_amsgrad_adds_state_torch_can_use(tmp_path: Path) -> None:
     assert all("max_exp_avg_sq" not in e for e in sd["state"].values())
 
 
-def test_set_betas_tuple_and_checks(tmp_path: Path) -> None:
-    path = copy_fixture("optim_adam.pt", tmp_path)
+def test_set_betas_tuple_and_checks(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("optim_adam.pt")
     run("set", path, "betas=0.9,0.95", "weight_decay=0.05")
     sd = torch.load(path)
     for g in sd["param_groups"]:
@@ -446,8 +436,8 @@ def tag(tags: dict[int, str], t: torch.Tensor) -> str:
     return tags[t.untyped_storage().data_ptr()]
 
 
-def test_move_cuda_to_cpu(tmp_path: Path) -> None:
-    path = copy_fixture("cuda0.pt", tmp_path)
+def test_move_cuda_to_cpu(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("cuda0.pt")
     with pytest.raises(RuntimeError, match="CUDA"):
         torch.load(path)
     out = run("move", path, "cpu").stdout
@@ -467,8 +457,8 @@ def test_move_cuda_to_cpu(tmp_path: Path) -> None:
         [old["optimizer"]["state"][i]["step"].item() + 1 for i in range(4)]
 
 
-def test_move_cpu_to_cuda1(tmp_path: Path) -> None:
-    path = copy_fixture("imagenet_style.pth", tmp_path)
+def test_move_cpu_to_cuda1(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("imagenet_style.pth")
     run("move", path, "cuda:1")
     ck, tags = storage_locations(path)
     for v in ck["state_dict"].values():
@@ -477,7 +467,7 @@ def test_move_cpu_to_cuda1(tmp_path: Path) -> None:
     for entries in ck["optimizer"]["state"].values():
         for v in entries.values():
             assert tag(tags, v) == "cuda:1"  # SGD: momentum_buffer only
-    path = copy_fixture("optim_adam.pt", tmp_path)
+    path = copy_fixture("optim_adam.pt")
     run("move", path, "cuda:1")
     sd, tags = storage_locations(path)
     assert len(sd["state"]) == 4
@@ -501,8 +491,8 @@ def test_move_capturable_step_moves(tmp_path: Path) -> None:
         assert tag(tags, entries["exp_avg"]) == "cuda:1"
 
 
-def test_move_hf_folder_fused_steps_move_rng_stays(tmp_path: Path) -> None:
-    folder = copy_fixture("hf_trainer/checkpoint-4", tmp_path)
+def test_move_hf_folder_fused_steps_move_rng_stays(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    folder = copy_fixture("hf_trainer/checkpoint-4")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     out = run("move", folder, "cuda:1").stdout
     assert "RNG-state" in out
@@ -618,8 +608,8 @@ def test_merge_groups_different_lr_and_scheduler(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # the writer contract, through the CLI
 
-def test_in_place_keeps_mode(tmp_path: Path) -> None:
-    path = copy_fixture("imagenet_style.pth", tmp_path)
+def test_in_place_keeps_mode(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("imagenet_style.pth")
     os.chmod(path, 0o640)
     run("set-lr", path, LR)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
@@ -627,8 +617,8 @@ def test_in_place_keeps_mode(tmp_path: Path) -> None:
     assert torch.load(path)["optimizer"]["param_groups"][0]["lr"] == LR
 
 
-def test_backup(tmp_path: Path) -> None:
-    path = copy_fixture("imagenet_style.pth", tmp_path)
+def test_backup(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("imagenet_style.pth")
     original = path.read_bytes()
     run("set-lr", path, LR, "--backup")
     assert Path(f"{path}.bak").read_bytes() == original
@@ -636,8 +626,8 @@ def test_backup(tmp_path: Path) -> None:
     assert torch.load(path)["optimizer"]["param_groups"][0]["lr"] == LR
 
 
-def test_folder_output(tmp_path: Path) -> None:
-    folder = copy_fixture("accelerate_state", tmp_path)
+def test_folder_output(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    folder = copy_fixture("accelerate_state")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     out = tmp_path / "edited"
     run("set-lr", folder, LR, "-o", out)
@@ -652,8 +642,8 @@ def test_folder_output(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in out.iterdir()} == after
 
 
-def test_output_exists_needs_force(tmp_path: Path) -> None:
-    path = copy_fixture("imagenet_style.pth", tmp_path)
+def test_output_exists_needs_force(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("imagenet_style.pth")
     out = tmp_path / "out.pth"
     out.write_bytes(b"precious")
     original = path.read_bytes()
@@ -665,8 +655,8 @@ def test_output_exists_needs_force(tmp_path: Path) -> None:
     assert torch.load(out)["optimizer"]["param_groups"][0]["lr"] == LR
 
 
-def test_dry_run_writes_nothing(tmp_path: Path) -> None:
-    path = copy_fixture("imagenet_style.pth", tmp_path)
+def test_dry_run_writes_nothing(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
+    path = copy_fixture("imagenet_style.pth")
     original = path.read_bytes()
     res = run("set-lr", path, LR, "--dry-run")
     assert path.read_bytes() == original
@@ -678,10 +668,10 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     assert "dry run" in lines[-1] and "nothing written" in lines[-1]
 
 
-def test_unsafe_refused(tmp_path: Path) -> None:
+def test_unsafe_refused(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
     marker = Path("/tmp/ckpttool_pwned_marker")
     existed = marker.exists()
-    path = copy_fixture("unsafe_os_system.pt", tmp_path)
+    path = copy_fixture("unsafe_os_system.pt")
     original = path.read_bytes()
     err = run("set-lr", path, LR, code=4).stderr
     assert "Nothing was written" in err
@@ -690,9 +680,9 @@ def test_unsafe_refused(tmp_path: Path) -> None:
     assert marker.exists() == existed
 
 
-def test_legacy_input_written_as_zip(tmp_path: Path) -> None:
+def test_legacy_input_written_as_zip(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
     import zipfile
-    path = copy_fixture("imagenet_style_legacy.pth", tmp_path)
+    path = copy_fixture("imagenet_style_legacy.pth")
     assert not zipfile.is_zipfile(path)
     old = torch.load(path)
     res = run("set-lr", path, LR)
