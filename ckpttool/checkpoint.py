@@ -305,17 +305,7 @@ def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
             if str(e).startswith(f"{path}: "):
                 raise
             raise UnreadableError(f"{path}: legacy torch file: {e}") from None
-    # torch.load unpickles all five pickles: globals named outside the main object count too
-    globals_ = dict(main.globals)
-    pos = 0
-    for _ in range(3):  # magic number, protocol version, sys_info
-        part = unpickle(data, pos)
-        pos = part.end
-        for q, g in part.globals.items():
-            globals_.setdefault(q, g)
-    for q, g in unpickle(data, main.end).globals.items():  # storage keys
-        globals_.setdefault(q, g)
-    f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, globals_,
+    f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, meta.pop("globals"),
                        main.storages, _tensors(main), extra=meta)
     _read_tiny_values(fd, f)
     return f

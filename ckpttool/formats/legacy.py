@@ -55,5 +55,10 @@ def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict
         if key not in records:
             raise UnreadableError(f"{path}: storage {key} has no bytes in the file")
         st.record = records[key]
-    meta = {"sys_info": info.root, "end": off}
+    # torch.load unpickles all five pickles: globals named outside the main object count too
+    globals_ = dict(main.globals)
+    for part in (magic, proto, info, keys):
+        for q, g in part.globals.items():
+            globals_.setdefault(q, g)
+    meta = {"sys_info": info.root, "end": off, "globals": globals_}
     return main, meta
