@@ -352,3 +352,21 @@ def test_render_survives_mutated_fixtures(tmp_path: Path) -> None:
             json.dumps(show_json(ckpt))
         except ckpttool.CkptError:
             pass
+
+
+def test_progress_line_only_on_a_terminal_after_a_second(capsys: pytest.CaptureFixture[str]) -> None:
+    from ckpttool.cli import _Progress
+    p = _Progress()
+    p.tty = True
+    p(50 << 20, 100 << 20)  # within the first second: nothing
+    assert capsys.readouterr().err == ""
+    p.start -= 2.0
+    p(50 << 20, 100 << 20)
+    p.close()
+    assert capsys.readouterr().err == "\rwriting  50% (50 of 100 MiB)\n"
+    q = _Progress()
+    q.tty = False
+    q.start -= 2.0
+    q(1, 2)
+    q.close()
+    assert capsys.readouterr().err == ""
