@@ -115,7 +115,7 @@ def _padding(cursor: int, name_len: int, size: int, alignment: int) -> bytes:
     return b"FB" + struct.pack("<H", pad) + b"Z" * pad
 
 
-def _writeback_starter() -> Callable[[int, int, int], Any] | None:
+def _writeback_starter() -> Callable[[int, int, int, int], Any] | None:
     """Linux sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk now.
 
     The writer fsyncs before it replaces anything; starting writeback as each copied chunk
@@ -258,6 +258,7 @@ class _Out:
 
     def _copy_crc(self, p: Payload) -> int:
         """Copy through user space, computing the CRC32 on the way."""
+        assert p.src_fd is not None
         off, left, crc = p.src_offset, p.size, 0
         while left:
             data = os.pread(p.src_fd, min(left, CHUNK), off)

@@ -161,7 +161,7 @@ def run_optimizer(
         return loss
 
     for _ in range(n_steps):
-        opt.step(closure)
+        opt.step(closure)  # type: ignore[arg-type]  # LBFGS closures return the loss tensor
     return opt, params
 
 
@@ -200,7 +200,7 @@ def _supports_two_groups(cls: type[torch.optim.Optimizer], setup: str) -> bool:
     if len(params) < 2:
         params = params + PARAM_SETUPS[setup]()
     try:
-        cls([{"params": [params[0]]}, {"params": [params[1]]}])
+        cls([{"params": [params[0]]}, {"params": [params[1]]}])  # type: ignore[call-arg]
     except Exception:
         return False
     return True
