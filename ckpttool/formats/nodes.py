@@ -221,7 +221,3 @@ class TensorRef(Reduce):
     def __repr__(self) -> str:
         return f"<tensor {self.dtype}{list(self.shape)} {self.device}>"
 
-
-def as_tensor(obj: Any) -> TensorRef | None:
-    """``obj`` if it is a tensor reference (plain or Parameter), else None."""
-    return obj if isinstance(obj, TensorRef) and obj.storage is not None else None
