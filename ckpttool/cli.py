@@ -110,7 +110,9 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
         progress.close()
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
-    extra = [m for w in result.written for m in [w.message] if "legacy" in m or "kept as" in m]
+    extra = [f"{w.path} was in the legacy (non-zip) torch.save format and is now written in "
+             "the zip format" for w in result.written if w.converted_from == "torch-legacy"]
+    extra += [f"the original is kept as {w.backup_path}" for w in result.written if w.backup_path]
     click.echo(f"{plan.summary}; wrote {result.output}" + (f" ({'; '.join(extra)})" if extra else ""))
 
 

@@ -16,7 +16,8 @@ from tabulate import tabulate
 from .checkpoint import Checkpoint
 from .formats.nodes import Global, Reduce, Storage, TensorRef
 from .formats.safetensors import SafeTensor
-from .locate import ModelState, OptimizerState, SchedulerState
+from .locate import (ModelState, OptimizerState, SchedulerState, is_model_state,
+                     is_optimizer_state)
 
 SCHEMA_VERSION = 1
 DEFAULT_ROWS = 20
@@ -102,7 +103,6 @@ def model_json(m: ModelState) -> dict[str, Any]:
 
 def summary(v: Any) -> str:
     """A short description of a top-level value, such as ``3`` or ``model (4 tensors)``."""
-    from .locate import is_model_state, is_optimizer_state
     if isinstance(v, (TensorRef, SafeTensor)):
         val = f" = {fmt(v.value)}" if v.value is not None else ""
         return f"tensor {v.dtype}{list(v.shape)}{val}"

@@ -120,19 +120,6 @@ def _lookup(mapping: dict[Any, Any] | None, st: Storage) -> Any:
     return mapping.get(st.key) if v is None else v
 
 
-def _storage_pid_hook(locations: dict[Any, str] | None) -> Callable[[Storage], tuple[Any, ...]]:
-    renumber = zip_pid_renumbering()
-
-    def hook(st: Storage) -> tuple[Any, ...]:
-        pid = renumber(st)
-        loc = _lookup(locations, st)
-        if loc is not None and loc != pid[3]:
-            pid = (pid[0], pid[1], pid[2], str(loc), pid[4])
-        return pid
-
-    return hook
-
-
 def _check_target(source: CheckpointFile, out_path: str | None,
                   force: bool) -> tuple[str, bool, os.stat_result | None]:
     """(resolved target path, target is the source file, stat of the existing target)."""
@@ -232,7 +219,6 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
 
 def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = None, *,
                new_records: dict[Any, NewRecord] | None = None,
-               storage_locations: dict[Any, str] | None = None,
                force: bool = False, backup: bool = False,
                progress: Progress | None = None,
                verify_crc: bool = False) -> WriteResult:
@@ -242,9 +228,9 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
     from). ``out_path``: default the source itself (edit in place); an existing other file is
     refused unless ``force``. ``new_records``: new bytes for storages, keyed by the
     :class:`Storage` object or its key as read (bytes, a :class:`Payload` or ``(size,
-    chunks)``); a storage that is new in the tree must be given here. ``storage_locations``:
-    a new location string (``"cpu"``, ``"cuda:0"``) by Storage or key. ``progress(done,
-    total)`` is called as payload bytes are written. Returns a :class:`WriteResult`.
+    chunks)``); a storage that is new in the tree must be given here. A new device tag is an edit
+    of the tree (``storage.pid``, see :mod:`ckpttool.edits.move`). ``progress(done, total)``
+    is called as payload bytes are written. Returns a :class:`WriteResult`.
     """
     if source.unsafe_globals:
         raise UnsafeCheckpointError(
@@ -274,7 +260,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
         order: list[Storage] = []
         try:
             canon = dumps(root, protocol=protocol,
-                          storage_pid=_storage_pid_hook(storage_locations),
+                          storage_pid=zip_pid_renumbering(),
                           storage_order=order)
         except (ValueError, TypeError, AttributeError, RecursionError) as e:
             raise CkptError(f"cannot write the edited tree as a pickle: {e}") from e
@@ -283,7 +269,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
         if src_pkl:
             fresh = unpickle(src_pkl).root
             if dumps(fresh, protocol=protocol,
-                     storage_pid=_storage_pid_hook(storage_locations)) == canon:
+                     storage_pid=zip_pid_renumbering()) == canon:
                 data_pkl, reused = src_pkl, True
         records, alignment = _source_records(source, fd, data_pkl, order, new_records)
 

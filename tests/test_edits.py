@@ -620,7 +620,8 @@ def test_in_place_keeps_mode(tmp_path: Path, copy_fixture: Callable[[str], Path]
 def test_backup(tmp_path: Path, copy_fixture: Callable[[str], Path]) -> None:
     path = copy_fixture("imagenet_style.pth")
     original = path.read_bytes()
-    run("set-lr", path, LR, "--backup")
+    res = run("set-lr", path, LR, "--backup")
+    assert res.stdout.endswith(f"(the original is kept as {path}.bak)\n")
     assert Path(f"{path}.bak").read_bytes() == original
     assert path.read_bytes() != original
     assert torch.load(path)["optimizer"]["param_groups"][0]["lr"] == LR
@@ -686,7 +687,9 @@ def test_legacy_input_written_as_zip(tmp_path: Path, copy_fixture: Callable[[str
     assert not zipfile.is_zipfile(path)
     old = torch.load(path)
     res = run("set-lr", path, LR)
-    assert res.stdout.count("\n") == 1 and "legacy" in res.stdout
+    assert res.stdout.count("\n") == 1
+    assert res.stdout.endswith(f"({path} was in the legacy (non-zip) torch.save format and is "
+                               "now written in the zip format)\n")
     assert zipfile.is_zipfile(path)
     ck = torch.load(path, mmap=True)
     assert ck["optimizer"]["param_groups"][0]["lr"] == LR

@@ -373,7 +373,9 @@ def test_per_group_scheduler_keys() -> None:
     assert K.per_group_scheduler_keys("ReduceLROnPlateau") == ("_last_lr", "min_lrs")
     assert K.per_group_scheduler_keys("SequentialLR") == ("_last_lr",)
     assert K.per_group_scheduler_keys("unknown") == ()
-    assert K.LR_LIKE_GROUP_KEYS == ("lr", "initial_lr", "max_lr", "min_lr")
+    assert K.LR_LIKE_GROUP_KEYS == ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")
+    # every LR-like key but lr is one a scheduler adds to the groups
+    assert set(K.LR_LIKE_GROUP_KEYS) - {"lr"} <= K.scheduler_added_group_keys()
     assert K.scheduler_added_group_keys() == {
         "initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum", "swa_lr",
     }

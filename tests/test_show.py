@@ -340,6 +340,7 @@ def test_render_survives_mutated_fixtures(tmp_path: Path) -> None:
     sources = [FIXTURES / n for n in ("imagenet_style.pth", "gan.pt", "optim_adam.pt",
                                       "imagenet_style_legacy.pth", "optim_lbfgs.pt")]
     from ckpttool.render import show_text
+    rendered = 0
     for i in range(400):
         data = bytearray(rng.choice(sources).read_bytes())
         for _ in range(rng.randint(1, 4)):
@@ -350,8 +351,10 @@ def test_render_survives_mutated_fixtures(tmp_path: Path) -> None:
             ckpt = ckpttool.open(path)
             show_text(ckpt, show_all=True)
             json.dumps(show_json(ckpt))
+            rendered += 1
         except ckpttool.CkptError:
             pass
+    assert rendered >= 40, rendered  # the mutations must leave files the renderer sees
 
 
 def test_progress_line_only_on_a_terminal_after_a_second(capsys: pytest.CaptureFixture[str]) -> None:

@@ -257,8 +257,9 @@ def test_edit_new_bytes_location_and_renumbering(made: Path, tmp_path: Path) -> 
     bf16 = f.root["bf16"].storage
     new = torch.full((5,), 3.0, dtype=torch.bfloat16)
     out = tmp_path / "edited.pt"
-    write_file(f, None, str(out), new_records={bf16: new.view(torch.uint8).numpy().tobytes()},
-               storage_locations={f.root["c64"].storage.key: "cuda:1"})
+    c64 = f.root["c64"].storage
+    c64.pid = c64.with_location("cuda:1")  # a device tag is an edit of the tree, as move does
+    write_file(f, None, str(out), new_records={bf16: new.view(torch.uint8).numpy().tobytes()})
     with zipfile.ZipFile(out) as z:
         names = [n.split("/", 1)[1] for n in z.namelist()]
     data = [n for n in names if n.startswith("data/")]

@@ -65,6 +65,15 @@ class EditPlan:
         t.value = value
 
 
+def as_number(v: Any) -> float | None:
+    """A numeric hyperparameter as a float: a number, or a 0-d tensor whose value was read."""
+    if isinstance(v, TensorRef):
+        return float(v.value) if isinstance(v.value, (int, float)) else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
 def parse_value(text: str) -> Any:
     """A command-line value: a Python literal (0.9, (0.9, 0.95), True, None), ``a,b`` as a
     tuple, true/false/null as JSON spells them, else the string itself."""

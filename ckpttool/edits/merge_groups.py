@@ -14,8 +14,8 @@ from typing import Any
 from ..checkpoint import Checkpoint
 from ..errors import EditError
 from ..tree import join
-from . import Change, EditPlan
-from .set_lr import LR_GROUP_KEYS, LR_SCHEDULER_LIST_KEYS, NESTED_KEYS, _number, pair_scheduler
+from . import Change, EditPlan, as_number
+from .set_lr import LR_GROUP_KEYS, LR_SCHEDULER_LIST_KEYS, NESTED_KEYS, pair_scheduler
 
 _SKIP = ("params", "param_names")
 
@@ -118,8 +118,8 @@ def _rescaled(values: list[Any], lrs: list[Any], new_lr: Any) -> float | None:
     """The one value ``values[i] * new_lr / lrs[i]`` gives for every i, else None."""
     out = []
     for x, old in zip(values, lrs):
-        xf, of = _number(x), _number(old)
-        if xf is None or not of or _number(new_lr) is None:
+        xf, of = as_number(x), as_number(old)
+        if xf is None or not of or as_number(new_lr) is None:
             return None
         out.append(xf * float(new_lr) / of)
     if all(math.isclose(v, out[0], rel_tol=1e-9, abs_tol=0.0) for v in out):

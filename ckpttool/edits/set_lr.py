@@ -15,12 +15,11 @@ from typing import Any
 from .. import knowledge
 from ..checkpoint import Checkpoint
 from ..errors import EditError
-from ..formats.nodes import TensorRef
 from ..locate import OptimizerState, SchedulerState
 from ..tree import join
-from . import EditPlan
+from . import EditPlan, as_number
 
-LR_GROUP_KEYS = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")
+LR_GROUP_KEYS = knowledge.LR_LIKE_GROUP_KEYS
 
 def _lr_list_keys() -> tuple[str, ...]:
     """Per-group scheduler lists that hold lrs (base_lrs, _last_lr, max_lrs, min_lrs, ...)."""
@@ -32,14 +31,6 @@ def _lr_list_keys() -> tuple[str, ...]:
 LR_SCHEDULER_LIST_KEYS = _lr_list_keys()
 LR_SCHEDULER_SCALAR_KEYS = ("eta_min",)
 NESTED_KEYS = ("_schedulers",)
-
-
-def _number(v: Any) -> float | None:
-    if isinstance(v, TensorRef):
-        return float(v.value) if isinstance(v.value, (int, float)) else None
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v)
-    return None
 
 
 def _group_count(s: SchedulerState) -> int | None:
@@ -87,12 +78,12 @@ def pair_scheduler(ckpt: Checkpoint, opt: OptimizerState, scheduler: str | None,
 def _base_lr(opt: OptimizerState, sched: SchedulerState | None, g: int) -> float | None:
     group = opt.groups[g].hyperparameters
     if "max_lr" in group:  # OneCycleLR: the peak is the lr a user sets
-        return _number(group["max_lr"])
+        return as_number(group["max_lr"])
     if sched is not None and isinstance(sched.raw.get("base_lrs"), list):
-        return _number(sched.raw["base_lrs"][g])
+        return as_number(sched.raw["base_lrs"][g])
     if "initial_lr" in group:
-        return _number(group["initial_lr"])
-    return _number(group.get("lr"))
+        return as_number(group["initial_lr"])
+    return as_number(group.get("lr"))
 
 
 def scale_scheduler(plan: EditPlan, state: dict[str, Any], pointer: str,
@@ -102,11 +93,11 @@ def scale_scheduler(plan: EditPlan, state: dict[str, Any], pointer: str,
         v = state.get(key)
         if isinstance(v, list) and len(v) == n_groups:
             for g, k in factors.items():
-                x = _number(v[g])
+                x = as_number(v[g])
                 if x is not None:
                     plan.set(v, g, join(pointer, key), x * k)
     for key in LR_SCHEDULER_SCALAR_KEYS:
-        x = _number(state.get(key))
+        x = as_number(state.get(key))
         if x is None or x == 0:
             continue
         ks = set(factors.values())
@@ -150,7 +141,7 @@ def set_lr(ckpt: Checkpoint, lr: float, groups: list[int] | None = None,
     factors: dict[int, float] = {}
     for g in selected:
         hp = opt.groups[g].hyperparameters
-        ref = _base_lr(opt, sched, g) if base_lr else _number(hp.get("lr"))
+        ref = _base_lr(opt, sched, g) if base_lr else as_number(hp.get("lr"))
         if ref is None:
             raise EditError(f"{ckpt.path}: group {g} of {opt.pointer or '(root)'} has no "
                             "numeric lr")
@@ -166,7 +157,7 @@ def set_lr(ckpt: Checkpoint, lr: float, groups: list[int] | None = None,
         ptr = join(join(opt.pointer, "param_groups"), g)
         for key in LR_GROUP_KEYS:
             if key in raw_groups[g]:
-                x = _number(raw_groups[g][key])
+                x = as_number(raw_groups[g][key])
                 if x is not None:
                     new = lr if key == "lr" and not base_lr else x * k
                     plan.set(raw_groups[g], key, ptr, new)

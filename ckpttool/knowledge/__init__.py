@@ -57,8 +57,8 @@ UNKNOWN = "unknown"
 IGNORED_GROUP_KEYS: tuple[str, ...] = ("params", "param_names")
 
 #: Param-group keys holding a learning rate (``lr`` plus the keys written by
-#: schedulers).
-LR_LIKE_GROUP_KEYS: tuple[str, ...] = ("lr", "initial_lr", "max_lr", "min_lr")
+#: schedulers: OneCycleLR's initial/max/min_lr, SWALR's swa_lr).
+LR_LIKE_GROUP_KEYS: tuple[str, ...] = ("lr", "initial_lr", "max_lr", "min_lr", "swa_lr")
 
 #: Param-group keys that LR schedulers add to the optimizer's groups.  The
 #: effective set used by :func:`infer_optimizer` is this tuple united with the
