@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from .errors import UnreadableError
+from .errors import AmbiguousError, CkptError, UnreadableError
 from .formats.legacy import read_legacy
 from .formats.nodes import Global, Storage, TensorRef
 from .formats.safetensors import SafeTensor, read_safetensors
 from .formats.torchzip import Archive, read_archive, read_record
 from .formats.unpickler import PickleTruncated, Unpickled, unpickle
-from .tree import resolve
+from .tree import join, resolve, split, storages
 
 if TYPE_CHECKING:
     from .locate import Found, ModelState, OptimizerState, SchedulerState
@@ -57,17 +57,36 @@ class CheckpointFile:
 
 
 class Checkpoint:
-    """A checkpoint opened for reading: its files, tree, and the states found in it.
+    """A checkpoint: its files as read from disk, and its tree (as read, or as edited).
 
     Use :func:`ckpttool.open`. The tree (``root``) is a single file's unpickled object, or for
     a folder a dict from file name to each file's object, so JSON Pointers such as
     ``/optimizer``, ``/optimizer_states/0`` or ``/optimizer.pt`` address every part.
+
+    A checkpoint never changes. An edit (:mod:`ckpttool.edits`) returns a plan whose
+    ``result`` is a new :class:`Checkpoint` over the same files with a new tree; its views
+    (``optimizers``, ``schedulers``, ``models``, names) are derived from that tree, so edits
+    chain. ``files`` always describe the files on disk, where unchanged tensor bytes are
+    copied from when the result is saved.
     """
 
-    def __init__(self, path: str, kind: str, files: list[CheckpointFile]) -> None:
+    def __init__(self, path: str, kind: str, files: list[CheckpointFile],
+                 roots: dict[str, Any] | None = None, other_files: list[str] | None = None
+                 ) -> None:
         self.path = path
-        self.kind = kind  # "file", "hf-trainer", "accelerate" or "folder"
+        self.kind = kind  # "file", "hf-trainer", "accelerate", "folder"
         self.files = files
+        # the tree of each file by name; the files' own roots unless this is an edit's result
+        self.roots: dict[str, Any] = roots if roots is not None else \
+            {f.name: f.root for f in files}
+        # files and folders (relative paths) of a folder that ckpttool did not parse; they are
+        # kept as they are by every write
+        self.other_files: list[str] = other_files or []
+
+    def derive(self, root: Any) -> Checkpoint:
+        """A checkpoint over the same files whose tree is ``root`` (an edit's result)."""
+        roots = dict(root) if self.is_folder else {self.files[0].name: root}
+        return Checkpoint(self.path, self.kind, self.files, roots, self.other_files)
 
     # -- the tree --------------------------------------------------------------------------
     @property
@@ -77,8 +96,14 @@ class Checkpoint:
     @cached_property
     def root(self) -> Any:
         if not self.is_folder:
-            return self.files[0].root
-        return {f.name: f.root for f in self.files}
+            return self.roots[self.files[0].name]
+        return dict(self.roots)
+
+    @property
+    def touched(self) -> list[str]:
+        """Names of the files whose tree differs from the file on disk (``""`` for a single
+        file), in file order."""
+        return [f.name for f in self.files if self.roots[f.name] is not f.root]
 
     @property
     def format(self) -> str:
@@ -96,11 +121,14 @@ class Checkpoint:
         """The file holding the object at ``pointer``."""
         if not self.is_folder:
             return self.files[0]
-        first = pointer.split("/")[1] if pointer.startswith("/") else ""
+        first = split(pointer)[0] if pointer else ""
         for f in self.files:
-            if f.name == first.replace("~1", "/").replace("~0", "~"):
+            if f.name == first:
                 return f
-        raise KeyError(pointer)
+        raise CkptError(f"no file {first!r} in the folder (pointer {pointer!r})",
+                        path=self.path, pointer=pointer,
+                        hint="a pointer into a folder starts with a file name, like "
+                             "/optimizer.pt/param_groups/0")
 
     # -- safety ----------------------------------------------------------------------------
     @property
@@ -128,7 +156,8 @@ class Checkpoint:
 
     @property
     def schedulers(self) -> list[SchedulerState]:
-        """Every LR scheduler state_dict in the checkpoint, in tree order."""
+        """Every LR scheduler state_dict in the checkpoint (known types and scheduler-like
+        states of unknown types), in tree order."""
         return self._found.schedulers
 
     @property
@@ -136,22 +165,32 @@ class Checkpoint:
         """Every model state_dict (names to tensors) in the checkpoint, in tree order."""
         return self._found.models
 
+    @cached_property
+    def storages(self) -> list[StorageUse]:
+        """Every storage of every file, wherever its tensors are (inside opaque objects too)."""
+        out = []
+        for f in self.files:
+            root = self.roots[f.name]
+            base = join("", f.name) if self.is_folder else ""
+            for ptr, st, opaque in storages(root, base).values():
+                out.append(StorageUse(f.name, ptr, st, opaque))
+        return out
+
     def optimizer(self, pointer: str | None = None) -> OptimizerState:
         """The optimizer at ``pointer``, or the only one when ``pointer`` is None."""
-        from .errors import CkptError
+        where = ", ".join(repr(o.pointer) for o in self.optimizers) or "nowhere"
         if pointer is None:
             if len(self.optimizers) == 1:
                 return self.optimizers[0]
             if not self.optimizers:
-                raise CkptError(f"{self.path}: no optimizer state found")
-            raise CkptError(f"{self.path}: {len(self.optimizers)} optimizers ("
-                            + ", ".join(repr(o.pointer) for o in self.optimizers)
-                            + "); pick one with --optimizer POINTER")
+                raise CkptError("no optimizer state found", path=self.path)
+            raise AmbiguousError(f"{len(self.optimizers)} optimizers ({where})",
+                                 path=self.path, hint="pick one with --optimizer POINTER")
         for o in self.optimizers:
             if o.pointer == pointer:
                 return o
-        raise CkptError(f"{self.path}: no optimizer at {pointer!r}; optimizers are at "
-                        + (", ".join(repr(o.pointer) for o in self.optimizers) or "nowhere"))
+        raise CkptError(f"no optimizer at {pointer!r}; optimizers are at {where}",
+                        path=self.path, pointer=pointer)
 
     # -- tensor bytes ----------------------------------------------------------------------
     def read_bytes(self, tensor: Any) -> bytes:
@@ -160,6 +199,17 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<Checkpoint {self.path!r} {self.format}>"
+
+
+@dataclass(frozen=True)
+class StorageUse:
+    """A storage and where it is: its file, the pointer of its first tensor, and whether
+    that tensor is inside an opaque object (a pickled module, say)."""
+
+    file: str
+    pointer: str
+    storage: Storage
+    in_opaque: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,9 +262,9 @@ def read_file(path: str, name: str = "", allow_pickle: bool = False) -> Checkpoi
     """Parse one file into a :class:`CheckpointFile`, reading metadata only."""
     try:
         return _read_file(path, name, allow_pickle)
-    except (struct.error, ValueError, IndexError, KeyError, TypeError, EOFError,
-            OverflowError, UnicodeError, RecursionError, MemoryError) as e:
-        # a malformed file can trip the parsers anywhere; say so instead of a traceback
+    except (struct.error, EOFError, UnicodeError) as e:
+        # what the format parsers raise when bytes run short or a name does not decode; any
+        # other exception is a bug in ckpttool and must not be blamed on the file
         raise UnreadableError(f"{path}: corrupt or not a checkpoint "
                               f"({type(e).__name__}: {e})") from None
     except OSError as e:  # e.g. a read at an offset the file's metadata made up, or EIO
@@ -427,12 +477,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         raise UnreadableError(f"{p}: a torch.distributed.checkpoint folder; reading DCP "
                               "folders is not supported yet")
     files = []
+    other: list[str] = []
     for n in names:
         fp = os.path.join(p, n)
-        if not n.endswith(_FOLDER_SUFFIXES) or not os.path.isfile(fp):
-            continue
-        files.append(read_file(fp, n, allow_pickle=True))
+        if n.endswith(_FOLDER_SUFFIXES) and os.path.isfile(fp):
+            files.append(read_file(fp, n, allow_pickle=True))
+        else:
+            other.append(n + "/" if os.path.isdir(fp) and not os.path.islink(fp) else n)
     if not any(f.format in ("torch-zip", "torch-legacy", "safetensors") for f in files):
         raise UnreadableError(f"{p}: a folder with no checkpoint files in it (looked for "
                               "optimizer.pt / optimizer.bin / *.pt / *.pth / *.safetensors)")
-    return Checkpoint(p, kind, files)
+    return Checkpoint(p, kind, files, other_files=other)

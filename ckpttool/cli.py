@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from . import __version__
-from .errors import CkptError
+from .errors import CkptError, ExitCode
 
 
 def _run(fn: Callable[[], Any]) -> Any:
@@ -22,7 +23,14 @@ def _run(fn: Callable[[], Any]) -> Any:
         return fn()
     except CkptError as e:
         click.echo(f"Error: {e}", err=True)
-        sys.exit(e.exit_code)
+        sys.exit(int(e.exit_code))
+    except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception:  # a bug in ckpttool: never blame the user's file for it
+        traceback.print_exc()
+        click.echo(f"Error: internal error in ckpttool {__version__}; this is a bug, please "
+                   "report it with the traceback above", err=True)
+        sys.exit(int(ExitCode.INTERNAL))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,8 +39,8 @@ def cli() -> None:
     """Inspect, check and safely edit PyTorch training checkpoints.
 
     Reading never runs code from the file and never imports torch.
-    Exit codes: 0 ok, 1 edit or usage error, 2 bad command line, 3 unreadable file,
-    4 unsafe file.
+    Exit codes: 0 ok, 1 the request cannot be done as asked, 2 bad command line,
+    3 unreadable file, 4 unsafe file, 5 writing failed, 70 internal error.
     """
 
 
@@ -65,7 +73,9 @@ def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--dry-run", is_flag=True,
                      help="Print a before/after table and write nothing.")(f)
     f = click.option("--backup", is_flag=True, help="Keep the original as PATH.bak.")(f)
-    f = click.option("--force", is_flag=True, help="Overwrite an existing --output.")(f)
+    f = click.option("--force", is_flag=True,
+                     help="Overwrite an existing --output (set: also unknown keys; "
+                          "merge-groups: also merge without the params' model order).")(f)
     f = click.option("-o", "--output", metavar="OUT",
                      help="Write a new file (or folder) instead of editing in place.")(f)
     return f
@@ -94,14 +104,10 @@ class _Progress:
 
 
 def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: bool) -> None:
-    from tabulate import tabulate
-
-    from .render import fmt
     from .save import save
     if dry_run:
-        rows = [[c.pointer, fmt(c.before), fmt(c.after)] for c in plan.changes]
-        click.echo(tabulate(rows, ["pointer", "before", "after"]))
-        click.echo(f"dry run: {plan.summary}; nothing written")
+        click.echo(plan.render())
+        click.echo("dry run: nothing written")
         return
     progress = _Progress()
     try:
@@ -110,15 +116,29 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
         progress.close()
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
+    if not result.changed:
+        where = f"; {result.output} is a copy" if output is not None else "; nothing written"
+        click.echo(f"{plan.summary}{where}")
+        return
     extra = [f"{w.path} was in the legacy (non-zip) torch.save format and is now written in "
              "the zip format" for w in result.written if w.converted_from == "torch-legacy"]
-    extra += [f"the original is kept as {w.backup_path}" for w in result.written if w.backup_path]
-    click.echo(f"{plan.summary}; wrote {result.output}" + (f" ({'; '.join(extra)})" if extra else ""))
+    extra += [f"the original is kept as {w.backup_path}" for w in result.written
+              if w.backup_path]
+    if result.copied:
+        extra.append(f"{len(result.written)} file{'s' if len(result.written) != 1 else ''} "
+                     f"rewritten, {len(result.copied)} copied unchanged")
+    click.echo(f"{plan.summary}; wrote {result.output}"
+               + (f" ({'; '.join(extra)})" if extra else ""))
 
 
 @cli.command("set-lr")
 @click.argument("path", type=click.Path(readable=False))
-@click.argument("lr", type=float)
+@click.argument("lr", type=float, required=False)
+@click.option("--scale", type=float, metavar="F",
+              help="Multiply every selected group's lr by F (instead of LR).")
+@click.option("--keep-ratios", is_flag=True,
+              help="Groups differ in lr: the largest becomes LR, the others keep their ratio.")
+@click.option("--same", is_flag=True, help="Groups differ in lr: every group becomes LR.")
 @click.option("--group", "groups", type=int, multiple=True, help="Only this group (repeatable).")
 @click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
 @click.option("--scheduler", metavar="POINTER", help="The scheduler paired with it.")
@@ -126,9 +146,10 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
 @click.option("--base-lr", is_flag=True,
               help="LR is the base LR (initial_lr/base_lrs/max_lr); current lr follows.")
 @_write_options
-def set_lr_cmd(path: str, lr: float, groups: tuple[int, ...], optimizer: str | None,
-               scheduler: str | None, no_scheduler: bool, base_lr: bool, output: str | None,
-               force: bool, backup: bool, dry_run: bool) -> None:
+def set_lr_cmd(path: str, lr: float | None, scale: float | None, keep_ratios: bool, same: bool,
+               groups: tuple[int, ...], optimizer: str | None, scheduler: str | None,
+               no_scheduler: bool, base_lr: bool, output: str | None, force: bool,
+               backup: bool, dry_run: bool) -> None:
     """Set the learning rate the next step uses after a normal resume; the scheduler's
     state is scaled to match so the schedule keeps its shape.
 
@@ -136,10 +157,20 @@ def set_lr_cmd(path: str, lr: float, groups: tuple[int, ...], optimizer: str | N
     """
     from .checkpoint import open_checkpoint
     from .edits.set_lr import set_lr
+    from .errors import EditError
 
     def go() -> None:
-        plan = set_lr(open_checkpoint(path), lr, list(groups) or None, optimizer, scheduler,
-                      no_scheduler, base_lr)
+        if keep_ratios and same:
+            raise EditError("--keep-ratios and --same contradict each other; pass one")
+        if scale is not None and (keep_ratios or same):
+            raise EditError("--scale keeps the ratios by itself; drop --keep-ratios / --same")
+        if (lr is None) == (scale is None):
+            raise EditError("give the new learning rate LR or --scale F (one of them)",
+                            hint="for example `ckpttool set-lr ckpt.pth 1e-4`")
+        plan = set_lr(open_checkpoint(path), lr, scale=scale,
+                      ratios="keep" if keep_ratios else ("same" if same else None),
+                      groups=list(groups) or None, optimizer=optimizer, scheduler=scheduler,
+                      no_scheduler=no_scheduler, base_lr=base_lr)
         _finish(plan, output, force, backup, dry_run)
     _run(go)
 
@@ -215,8 +246,9 @@ def move(path: str, device: str, pointer: str, output: str | None, force: bool, 
 def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
                      optimizer: str | None, scheduler: str | None, no_scheduler: bool,
                      output: str | None, force: bool, backup: bool, dry_run: bool) -> None:
-    """Merge param groups whose hyperparameters agree (params in model order when names are
-    known) and the scheduler's per-group lists with them.
+    """Merge param groups whose hyperparameters agree (params in model order, which needs
+    parameter names; --force merges in group order without them) and the scheduler's
+    per-group lists with them.
 
     Example: ckpttool merge-groups ckpt.pth --groups 0,1
     """
@@ -230,7 +262,7 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
         except ValueError:
             raise EditError(f"--groups takes indices like 0,2, not {groups!r}") from None
         plan = merge_groups(open_checkpoint(path), sel, _parse_assignments(sets), optimizer,
-                            scheduler, no_scheduler)
+                            scheduler, no_scheduler, force)
         _finish(plan, output, force, backup, dry_run)
     _run(go)
 

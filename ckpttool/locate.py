@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import knowledge
-from .formats.nodes import TensorRef
+from .formats.nodes import Reduce, TensorRef
 from .formats.safetensors import SafeTensor
-from .tree import walk
+from .tree import children, join, walk
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -53,6 +53,7 @@ class OptimizerState:
     guess: knowledge.OptimizerGuess
     groups: list[ParamGroup]
     state: list[ParamState]
+    extra_keys: list[str] = field(default_factory=list)  # group keys torch's type does not write
     names_source: str | None = None  # where the names come from, when there are names
     names_note: str | None = None  # why there are no names (or only some)
     model_order: dict[int, int] | None = None  # param id -> position in model.parameters()
@@ -74,11 +75,20 @@ class OptimizerState:
 
 @dataclass
 class SchedulerState:
-    """An LR scheduler ``state_dict`` (its ``__dict__`` without the optimizer)."""
+    """An LR scheduler ``state_dict`` (its ``__dict__`` without the optimizer).
+
+    ``known`` is False for a scheduler-like state of a type ckpttool does not know (mmengine's
+    ``base_values`` / ``last_step`` schedulers, DeepSpeed's ``{"last_batch_iteration": N}``, a
+    pickled object whose class name ends in ``LR`` or ``Scheduler``): it is shown, and edits
+    that would leave it inconsistent refuse to go on without being told (``--no-scheduler``).
+    ``type`` is then ``"unknown"`` and ``reason`` says what made it look like a scheduler.
+    """
 
     pointer: str
     type: str
     raw: dict[str, Any]
+    known: bool = True
+    reason: str = ""
 
     @property
     def last_epoch(self) -> Any:
@@ -148,6 +158,29 @@ def _scheduler_type(obj: Any) -> str | None:
     return knowledge.infer_scheduler(obj.keys())
 
 
+_STEP_KEYS = ("last_epoch", "last_step", "last_batch_iteration")
+_BASE_KEYS = ("base_lrs", "base_values")
+
+
+def unknown_scheduler_reason(obj: Any) -> str | None:
+    """Why ``obj`` looks like the state of an LR scheduler ckpttool does not know, or None."""
+    if isinstance(obj, Reduce) and not isinstance(obj, TensorRef):
+        name = obj.qualname.rsplit(".", 1)[-1]
+        if name.endswith(("LR", "Scheduler")) and name != "OrderedDict":
+            return f"a pickled {obj.qualname} object"
+        return None
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return None
+    step = [k for k in _STEP_KEYS if k in obj]
+    base = [k for k in _BASE_KEYS if k in obj]
+    if step and base:
+        return f"keys {', '.join(step + base)}"
+    if list(obj) == ["last_batch_iteration"]:
+        return "key last_batch_iteration (a DeepSpeed LR schedule; the schedule itself is in " \
+               "the DeepSpeed config)"
+    return None
+
+
 def optimizer_from_raw(pointer: str, raw: dict[str, Any]) -> OptimizerState:
     groups = []
     group_keys: set[str] = set()
@@ -166,7 +199,7 @@ def optimizer_from_raw(pointer: str, raw: dict[str, Any]) -> OptimizerState:
         states.append(ParamState(pid, None, None, ent))
     first = raw["param_groups"][0] if raw["param_groups"] else {}
     guess = knowledge.infer_optimizer(group_keys, state_keys, first)
-    opt = OptimizerState(pointer, raw, guess, groups, states)
+    opt = OptimizerState(pointer, raw, guess, groups, states, extra_keys=list(guess.extra_keys))
     for s in states:
         s.group = opt.group_of(s.param)
     if groups and all(any(n is not None for n in g.param_names) for g in groups):
@@ -187,9 +220,26 @@ def locate(ckpt: Checkpoint) -> Found:
             continue
         stype = _scheduler_type(obj)
         if stype is not None:
-            found.schedulers.append(SchedulerState(ptr, stype, obj))
+            found.schedulers.append(SchedulerState(ptr, stype, obj, known=stype != "unknown",
+                                                   reason="" if stype != "unknown" else
+                                                   "scheduler keys of no torch class"))
             _claim(obj, claimed)
             continue
+        why = unknown_scheduler_reason(obj)
+        if why is not None:
+            found.schedulers.append(SchedulerState(ptr, knowledge.UNKNOWN, obj, known=False,
+                                                   reason=why))
+            _claim(obj, claimed)
+            continue
+        for key, value in children(obj):
+            if id(value) in claimed or not isinstance(value, Reduce):
+                continue
+            why = unknown_scheduler_reason(value)
+            if why is not None:
+                state = value.state if isinstance(value.state, dict) else {}
+                found.schedulers.append(SchedulerState(join(ptr, key), knowledge.UNKNOWN, state,
+                                                       known=False, reason=why))
+                claimed.add(id(value))
         if is_model_state(obj):
             fmt = ckpt.file_for(ptr).format if ckpt.is_folder else ckpt.files[0].format
             found.models.append(ModelState(ptr, obj, ordered=fmt != "safetensors"))

@@ -1,4 +1,5 @@
-"""Turning a Checkpoint into the ``show`` JSON document and text tables. No logic of its own.
+"""Turning a Checkpoint into the ``show`` JSON document and text tables, and a plan into its
+``--dry-run`` table. Presentation only: what is shown is computed elsewhere.
 
 JSON values: tensors become ``{"shape", "dtype", "device"}`` (plus ``"value"`` when the reader
 read it), tuples become lists, non-finite floats the strings ``"inf"``, ``"-inf"``, ``"nan"``,
@@ -9,7 +10,7 @@ bytes ``{"bytes": N}``, opaque objects ``{"opaque": "module.name", "args": [...]
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tabulate import tabulate
 
@@ -18,6 +19,10 @@ from .formats.nodes import Global, Reduce, Storage, TensorRef
 from .formats.safetensors import SafeTensor
 from .locate import (ModelState, OptimizerState, SchedulerState, is_model_state,
                      is_optimizer_state)
+from .tree import join, opaque_top, tensors
+
+if TYPE_CHECKING:
+    from .edits.plan import Plan
 
 SCHEMA_VERSION = 1
 DEFAULT_ROWS = 20
@@ -84,6 +89,7 @@ def optimizer_json(opt: OptimizerState, stats: dict[int, dict[str, Any]] | None 
         "type": opt.type,
         "type_candidates": list(opt.guess.candidates),
         "type_reason": opt.guess.reason,
+        "extra_keys": opt.extra_keys,
         "names_source": opt.names_source,
         "names_note": opt.names_note,
         "param_groups": [{"index": g.index, "params": g.params, "param_names": g.param_names,
@@ -93,7 +99,44 @@ def optimizer_json(opt: OptimizerState, stats: dict[int, dict[str, Any]] | None 
 
 
 def scheduler_json(s: SchedulerState) -> dict[str, Any]:
-    return {"pointer": s.pointer, "type": s.type, "state": to_json(s.raw)}
+    d: dict[str, Any] = {"pointer": s.pointer, "type": s.type, "known": s.known,
+                         "state": to_json(s.raw)}
+    if not s.known:
+        d["reason"] = s.reason
+    return d
+
+
+def opaque_tensors(ckpt: Checkpoint) -> list[dict[str, Any]]:
+    """Tensors held inside opaque objects, grouped by the outermost object that holds them:
+    pointer, object (its class), tensors, bytes (of their storages) and devices."""
+    groups: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
+    for f in ckpt.files:
+        base = join("", f.name) if ckpt.is_folder else ""
+        for ptr, t, opaque in tensors(ckpt.roots[f.name], base):
+            if not opaque:
+                continue
+            top = opaque_top(ptr)
+            g = groups.get(top)
+            if g is None:
+                obj = ckpt.resolve(top)
+                g = groups[top] = {"pointer": top, "object": getattr(obj, "qualname", "?"),
+                                   "tensors": 0, "bytes": 0, "devices": {}}
+            g["tensors"] += 1
+            st = t.storage
+            if st is not None and id(st) not in seen:
+                seen.add(id(st))
+                g["bytes"] += st.nbytes
+                g["devices"][st.location] = g["devices"].get(st.location, 0) + 1
+    return list(groups.values())
+
+
+def devices(ckpt: Checkpoint) -> dict[str, int]:
+    """How many storages are tagged with each device."""
+    out: dict[str, int] = {}
+    for u in ckpt.storages:
+        out[u.storage.location] = out.get(u.storage.location, 0) + 1
+    return out
 
 
 def model_json(m: ModelState) -> dict[str, Any]:
@@ -118,7 +161,9 @@ def summary(v: Any) -> str:
     if isinstance(v, Reduce):
         func = v.func
         unsafe = isinstance(func, Global) and func.safety == "dangerous"
-        return f"{v.qualname} ({'UNSAFE: runs code on load' if unsafe else 'opaque'})"
+        n = sum(1 for _ in tensors(v))
+        held = f", {n} tensor{'s' if n != 1 else ''}" if n else ""
+        return f"{v.qualname} ({'UNSAFE: runs code on load' if unsafe else 'opaque'}{held})"
     return fmt(v)
 
 
@@ -147,6 +192,9 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
         "unsafe_globals": ckpt.unsafe_globals,
         "opaque_globals": ckpt.opaque_globals,
         "top_level": top_level(ckpt),
+        "other_files": ckpt.other_files,
+        "storages": {"count": len(ckpt.storages), "devices": devices(ckpt)},
+        "opaque_tensors": opaque_tensors(ckpt),
         "optimizers": [optimizer_json(o, tensor_stats) for o in opts],
         "schedulers": [scheduler_json(s) for s in ckpt.schedulers],
         "models": [model_json(m) for m in ckpt.models],
@@ -154,14 +202,15 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
 
 
 def compute_stats(ckpt: Checkpoint, opts: list[OptimizerState]) -> dict[int, dict[str, Any]]:
-    from .stats import tensor_stats
-    out: dict[int, dict[str, Any]] = {}
-    for o in opts:
-        for s in o.state:
-            for v in s.entries.values():
-                if isinstance(v, TensorRef) and id(v) not in out:
-                    out[id(v)] = tensor_stats(v)
-    return out
+    from .stats import optimizer_stats
+    return optimizer_stats(opts)
+
+
+def plan_text(plan: Plan) -> str:
+    """The ``--dry-run`` report: a before/after table of the changes, then the summary."""
+    rows = [[c.pointer or "(root)", fmt(c.before), fmt(c.after)] for c in plan.changes]
+    table = tabulate(rows, ["pointer", "before", "after"]) if rows else "(no changes)"
+    return f"{table}\n{plan.summary}"
 
 
 # ------------------------------------------------------------------------------ text
@@ -206,14 +255,33 @@ def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = Fal
         lines.append("UNSAFE: this file calls code on load (" + ", ".join(ckpt.unsafe_globals)
                      + "). Do not torch.load it with weights_only=False; ckpttool will not "
                      "write from it.")
+    if ckpt.is_folder and ckpt.other_files:
+        lines.append("other files (kept as they are): " + ", ".join(ckpt.other_files))
     if ckpt.opaque_globals:
         lines.append("opaque objects (kept as data, never imported): "
                      + ", ".join(ckpt.opaque_globals))
+    devs = devices(ckpt)
+    if devs:
+        lines.append(f"storages: {sum(devs.values())} (" + ", ".join(
+            f"{d} x{n}" for d, n in sorted(devs.items())) + ")")
+    held = opaque_tensors(ckpt)
+    if held:
+        lines.append("tensors inside opaque objects:")
+        rows = [[h["pointer"] or "(root)", h["object"], h["tensors"], _human(h["bytes"]),
+                 ", ".join(f"{d} x{n}" for d, n in sorted(h["devices"].items()))]
+                for h in held]
+        lines.append(_indent(tabulate(rows, ["pointer", "object", "tensors", "bytes",
+                                             "devices"])))
     opts = [ckpt.optimizer(pointer)] if pointer is not None else ckpt.optimizers
     tstats = compute_stats(ckpt, opts) if stats else {}
     for o in opts:
         lines += ["", *_optimizer_text(o, show_all, tstats)]
     for s in ckpt.schedulers if pointer is None else []:
+        if not s.known:
+            lines += ["", f"scheduler {s.pointer or '(root)'}: unknown type ({s.reason}); "
+                          "edits that change lrs refuse to leave it behind",
+                      "  " + "  ".join(f"{k}={fmt(v)}" for k, v in list(s.raw.items())[:6])]
+            continue
         lines += ["", f"scheduler {s.pointer or '(root)'}: {s.type}",
                   f"  last_epoch={fmt(s.last_epoch)}  base_lrs={fmt(s.base_lrs)}  "
                   f"last_lr={fmt(s.last_lr)}"]
@@ -234,6 +302,8 @@ def _optimizer_text(o: OptimizerState, show_all: bool, tstats: dict[int, dict[st
         head += f" (or {', '.join(c for c in o.guess.candidates if c != o.type)})"
     if o.type == "unknown":
         head += f" - {o.guess.reason}"
+    if o.extra_keys:
+        head += f" (extra group keys, kept: {', '.join(o.extra_keys)})"
     lines = [head]
     keys: list[str] = []
     for g in o.groups:

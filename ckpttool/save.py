@@ -1,69 +1,179 @@
-"""Writing an edit plan: each touched file rewritten crash-safely, the optimizer file last."""
+"""Saving an edited checkpoint: each changed file rewritten crash-safely, everything else kept.
+
+* **In place** (no ``output``): only the files whose tree changed are rewritten, each one
+  atomically (:func:`ckpttool.writer.write_file`), optimizer files last, so a crash between
+  files leaves the old optimizer beside at most some new files it does not depend on.
+* **A file to ``output``**: the rewritten file, or a byte-identical copy when nothing changed.
+* **A folder to ``output``**: the whole folder is reproduced (every file and subfolder,
+  symlinks as symlinks): unchanged files are copied byte for byte, changed ones rewritten.
+  The new folder is built under a temporary name beside ``output`` and renamed into place
+  only when complete, so a crash leaves no half-written ``output``. Files are copied, not
+  hard-linked: a trainer that later writes into the new folder in place (``torch.save`` opens
+  with truncation) must not change the original run's files.
+
+Nothing is written from an unsafe checkpoint.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import stat
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .edits import EditPlan
-from .errors import CkptError, UnsafeCheckpointError
-from .writer import WriteResult, write_file
+from .checkpoint import Checkpoint
+from .edits import Plan
+from .errors import CkptError, UnsafeCheckpointError, WriteError
+from .writer import TMP_SUFFIX, WriteResult, copy_file, write_file
 
 Progress = Callable[[int, int], None]
 
 
 @dataclass
 class SaveResult:
-    plan: EditPlan
-    written: list[WriteResult] = field(default_factory=list)
-    output: str = ""
+    """What :func:`save` did."""
 
-    @property
-    def messages(self) -> list[str]:
-        return [w.message for w in self.written]
-
-
-def _order(plan: EditPlan) -> list[str]:
-    """Touched files, optimizer files last (a crash between files leaves the old optimizer)."""
-    opt_files = {plan.ckpt.file_for(o.pointer).name for o in plan.ckpt.optimizers}
-    return sorted(plan.touched, key=lambda n: (n in opt_files, n))
+    output: str  # the file or folder written (the checkpoint's own path when in place)
+    changed: bool  # False: nothing to change (in place: nothing written; -o: a copy)
+    written: list[WriteResult] = field(default_factory=list)  # files rewritten
+    copied: list[str] = field(default_factory=list)  # files copied unchanged (relative paths)
 
 
-def save(plan: EditPlan, output: str | None = None, *, force: bool = False,
+def _order(ckpt: Checkpoint) -> list[str]:
+    """Changed files, optimizer files last (a crash between files leaves the old optimizer)."""
+    opt_files = {ckpt.file_for(o.pointer).name for o in ckpt.optimizers}
+    return sorted(ckpt.touched, key=lambda n: (n in opt_files, n))
+
+
+def save(edited: Plan | Checkpoint, output: str | None = None, *, force: bool = False,
          backup: bool = False, progress: Progress | None = None) -> SaveResult:
-    """Write the files ``plan`` touched: in place (default) or to ``output``.
+    """Write an edited checkpoint: in place (default) or to ``output``.
 
-    For a folder checkpoint, ``output`` is a new folder: untouched files are copied into it.
-    Nothing is written from an unsafe checkpoint.
+    Args:
+        edited: a plan (its ``result`` is written) or an edited checkpoint.
+        output: a new file (for a file checkpoint) or folder (for a folder checkpoint);
+            always written, as a byte-identical copy when nothing changed.
+        force: overwrite an existing ``output``.
+        backup: keep each replaced file as ``NAME.bak`` (in place only).
+        progress: called as ``progress(done_bytes, total_bytes)`` while writing.
+
+    Raises:
+        UnsafeCheckpointError: the checkpoint would run code when loaded; nothing is written.
+        WriteError: writing failed; the original is unchanged.
     """
-    ckpt = plan.ckpt
+    ckpt = edited.result if isinstance(edited, Plan) else edited
     if ckpt.unsafe:
         raise UnsafeCheckpointError(
-            f"{ckpt.path}: refusing to write: the checkpoint references "
-            f"{', '.join(ckpt.unsafe_globals)}, which would run code when loaded. Nothing was "
-            "written.")
-    result = SaveResult(plan, output=output or ckpt.path)
-    if not plan.touched:
-        return result
-    if ckpt.is_folder:
-        dest = output or ckpt.path
-        if output is not None:
-            if os.path.exists(output) and not force:
-                raise CkptError(f"{output} already exists; pass --force to overwrite it")
-            os.makedirs(output, exist_ok=True)
-            for f in ckpt.files:
-                if f.name not in plan.touched:
-                    shutil.copy2(f.path, os.path.join(output, f.name))
-        for name in _order(plan):
-            f = next(x for x in ckpt.files if x.name == name)
-            out = os.path.join(dest, name) if output is not None else None
-            result.written.append(write_file(f, f.root, out, new_records=plan.new_records.get(name),
-                                             force=True if output is not None else force,
+            f"refusing to write: the checkpoint references {', '.join(ckpt.unsafe_globals)}, "
+            "which would run code when loaded. Nothing was written.", path=ckpt.path)
+    touched = ckpt.touched
+    files = {f.name: f for f in ckpt.files}
+    if not ckpt.is_folder:
+        f = ckpt.files[0]
+        if not touched:
+            if output is None:
+                return SaveResult(ckpt.path, False)
+            return SaveResult(copy_file(f.path, output, force=force), False,
+                              copied=[os.path.basename(f.path)])
+        w = write_file(f, ckpt.roots[f.name], output, force=force, backup=backup,
+                       progress=progress)
+        return SaveResult(w.path, True, [w])
+    if output is None:
+        result = SaveResult(ckpt.path, bool(touched))
+        for name in _order(ckpt):
+            result.written.append(write_file(files[name], ckpt.roots[name], None, force=force,
                                              backup=backup, progress=progress))
         return result
-    f = ckpt.files[0]
-    result.written.append(write_file(f, f.root, output, new_records=plan.new_records.get(""),
-                                     force=force, backup=backup, progress=progress))
+    return _save_folder(ckpt, output, force, progress)
+
+
+def _save_folder(ckpt: Checkpoint, output: str, force: bool,
+                 progress: Progress | None) -> SaveResult:
+    src = os.path.realpath(ckpt.path)
+    dest = os.path.abspath(output)
+    if os.path.realpath(dest) == src or os.path.realpath(dest).startswith(src + os.sep):
+        raise CkptError("the output folder is inside the checkpoint folder", path=output,
+                        hint="write the new folder somewhere else")
+    if os.path.lexists(dest):
+        if not force:
+            raise CkptError("already exists", path=output, hint="use --force to replace it")
+        if not os.path.isdir(dest) or os.path.islink(dest):
+            raise CkptError("exists and is not a folder", path=output,
+                            hint="remove it or pick another name")
+    parent = os.path.dirname(dest)
+    if not os.path.isdir(parent):
+        raise CkptError(f"the folder {parent} does not exist", path=output)
+    touched = set(ckpt.touched)
+    files = {f.name: f for f in ckpt.files}
+    result = SaveResult(dest, bool(touched))
+    tmp = old = None
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX,
+                               dir=parent)
+        os.chmod(tmp, stat.S_IMODE(os.stat(src).st_mode))
+        for here, dirs, names in os.walk(src):
+            rel = os.path.relpath(here, src)
+            there = tmp if rel == "." else os.path.join(tmp, rel)
+            for d in list(dirs):
+                s = os.path.join(here, d)
+                if os.path.islink(s):  # a link to a folder: kept as a link, not followed
+                    os.symlink(os.readlink(s), os.path.join(there, d))
+                    dirs.remove(d)
+                    continue
+                os.mkdir(os.path.join(there, d))
+                shutil.copystat(s, os.path.join(there, d))
+            for n in sorted(names):
+                s, t = os.path.join(here, n), os.path.join(there, n)
+                relname = n if rel == "." else os.path.join(rel, n)
+                if rel == "." and n in touched:
+                    result.written.append(write_file(files[n], ckpt.roots[n], t, force=True,
+                                                     progress=progress))
+                elif os.path.islink(s):
+                    os.symlink(os.readlink(s), t)
+                else:
+                    _copy_synced(s, t)
+                    result.copied.append(relname)
+        _fsync_tree(tmp)
+        if os.path.lexists(dest):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old.", suffix=TMP_SUFFIX,
+                                   dir=parent)
+            os.rename(dest, os.path.join(old, "x"))
+        os.rename(tmp, dest)
+        tmp = None
+        _fsync_dir(parent)
+    except OSError as e:
+        if old is not None and not os.path.lexists(dest):
+            os.rename(os.path.join(old, "x"), dest)  # put the replaced folder back
+        raise WriteError(f"could not write the folder ({e.strerror or e}); the checkpoint is "
+                         "unchanged", path=output) from e
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return result
+
+
+def _copy_synced(src: str, dst: str) -> None:
+    with open(src, "rb") as fs, open(dst, "xb") as fd:
+        shutil.copyfileobj(fs, fd, 8 << 20)
+        fd.flush()
+        os.fsync(fd.fileno())
+    shutil.copystat(src, dst)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for here, _, _ in os.walk(root):
+        _fsync_dir(here)

@@ -1,11 +1,14 @@
-"""Walking a checkpoint tree and addressing its parts with JSON Pointers (RFC 6901)."""
+"""Walking a checkpoint tree, addressing its parts with JSON Pointers (RFC 6901), and
+rebuilding it with parts replaced (copy on write: the tree an edit was given never changes)."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
 from .errors import CkptError
+from .formats.nodes import Reduce, Storage, TensorRef
 
 
 def escape(token: Any) -> str:
@@ -45,12 +48,22 @@ def _child(obj: Any, token: str) -> Any:
 
 
 def resolve(root: Any, pointer: str) -> Any:
+    """The object at ``pointer`` (``@``-tokens enter opaque objects, see below)."""
     obj = root
-    for token in split(pointer):
+    tokens = split(pointer)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
         try:
+            if isinstance(obj, Reduce) and token.startswith("@"):
+                obj, used = _reduce_child(obj, token, tokens[i + 1:])
+                i += used
+                continue
             obj = _child(obj, token)
         except (KeyError, IndexError):
-            raise CkptError(f"nothing at {pointer!r} (no {token!r} there)") from None
+            raise CkptError(f"nothing at {pointer!r} (no {token!r} there)",
+                            pointer=pointer) from None
+        i += 1
     return obj
 
 
@@ -81,3 +94,179 @@ def walk(root: Any, pointer: str = "", max_depth: int = 64) -> Iterator[tuple[st
                 if isinstance(v, (dict, list, tuple))]
         stack.extend(reversed(kids))
 
+
+
+# --------------------------------------------------------------------------------------------
+# inside opaque objects
+#
+# A recorded call (an opaque object such as a pickled ``nn.Module``, or a ``torch.Size``) has
+# parts addressed by tokens that a plain dict key would not start with: ``@args/<i>``,
+# ``@kwargs/<name>``, ``@state`` (what BUILD set), ``@items/<i>`` (APPENDS on it) and
+# ``@dictitems/<key>`` (SETITEMS on it). ``/model/@state/_modules/0/@state/_parameters/weight``
+# is the weight of a whole pickled ``Sequential``'s first layer.
+
+def reduce_children(node: Reduce) -> Iterator[tuple[str, Any]]:
+    """(pointer suffix, child) pairs of a recorded call, in pickle order."""
+    for i, a in enumerate(node.args):
+        yield f"@args/{i}", a
+    if node.kwargs:
+        for k, v in node.kwargs.items():
+            yield f"@kwargs/{escape(k)}", v
+    for i, x in enumerate(node.items):
+        yield f"@items/{i}", x
+    for k, v in node.dictitems:
+        yield f"@dictitems/{escape(k)}", v
+    if node.has_state:
+        yield "@state", node.state
+
+
+def _reduce_child(node: Reduce, token: str, rest: list[str]) -> tuple[Any, int]:
+    """The child of ``node`` named by ``token`` (and maybe the next token); tokens used."""
+    if token == "@state" and node.has_state:
+        return node.state, 1
+    if not rest:
+        raise KeyError(token)
+    sub = rest[0]
+    if token == "@args" and sub.isdigit() and int(sub) < len(node.args):
+        return node.args[int(sub)], 2
+    if token == "@items" and sub.isdigit() and int(sub) < len(node.items):
+        return node.items[int(sub)], 2
+    if token == "@kwargs" and node.kwargs and sub in node.kwargs:
+        return node.kwargs[sub], 2
+    if token == "@dictitems":
+        for k, v in node.dictitems:
+            if str(k) == sub:
+                return v, 2
+    raise KeyError(token)
+
+
+def opaque_top(pointer: str) -> str:
+    """The pointer of the outermost opaque object on the way to ``pointer`` (or ``pointer``
+    itself when the way enters none)."""
+    tokens = pointer.split("/")
+    for i in range(1, len(tokens)):
+        if tokens[i].startswith("@"):
+            return "/".join(tokens[:i])
+    return pointer
+
+
+def is_tensor_node(obj: Any) -> bool:
+    """A tensor: a :class:`TensorRef` (plain or Parameter) or a safetensors entry."""
+    from .formats.safetensors import SafeTensor
+    return isinstance(obj, (TensorRef, SafeTensor))
+
+
+def walk_all(root: Any, pointer: str = "") -> Iterator[tuple[str, Any, bool]]:
+    """Yield ``(pointer, obj, inside_opaque)`` for every container and tensor of the tree,
+    entering opaque objects (their arguments, state and items) too. Each object once."""
+    seen: set[int] = set()
+    stack: list[tuple[str, Any, bool]] = [(pointer, root, False)]
+    while stack:
+        ptr, obj, opaque = stack.pop()
+        if id(obj) in seen:
+            continue
+        if isinstance(obj, TensorRef):
+            seen.add(id(obj))
+            yield ptr, obj, opaque
+            continue
+        if isinstance(obj, Reduce):
+            seen.add(id(obj))
+            yield ptr, obj, opaque
+            kids = [(f"{ptr}/{tok}", v, True) for tok, v in reduce_children(obj)]
+        elif isinstance(obj, (dict, list, tuple)):
+            seen.add(id(obj))
+            yield ptr, obj, opaque
+            kids = [(join(ptr, k), v, opaque) for k, v in children(obj)]
+        else:
+            if is_tensor_node(obj):
+                seen.add(id(obj))
+                yield ptr, obj, opaque
+            continue
+        stack.extend(reversed([k for k in kids if isinstance(k[1], (dict, list, tuple, Reduce))
+                               or is_tensor_node(k[1])]))
+
+
+def tensors(root: Any, pointer: str = "") -> Iterator[tuple[str, Any, bool]]:
+    """Every tensor of the tree, wherever it is: ``(pointer, tensor, inside_opaque)``."""
+    for ptr, obj, opaque in walk_all(root, pointer):
+        if is_tensor_node(obj):
+            yield ptr, obj, opaque
+
+
+def storages(root: Any, pointer: str = "") -> dict[int, tuple[str, Storage, bool]]:
+    """Every storage of the tree by ``id``: ``(pointer of its first tensor, storage,
+    inside_opaque)``, in tree order. Tensors inside opaque objects are included."""
+    out: dict[int, tuple[str, Storage, bool]] = {}
+    for ptr, t, opaque in tensors(root, pointer):
+        st = getattr(t, "storage", None)
+        if isinstance(st, Storage) and id(st) not in out:
+            out[id(st)] = (ptr, st, opaque)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# copy on write
+
+def rebuild(root: Any, substitutes: dict[int, Any]) -> Any:
+    """A new tree equal to ``root`` with each object whose ``id`` is in ``substitutes``
+    replaced by its substitute, every ancestor of a replaced object copied, and everything
+    else shared with ``root``.
+
+    Sharing is kept exactly: an object reachable from two places is rebuilt once and both
+    places get the same result, so the pickler's memo (shared storages, a scheduler state
+    stored twice) comes out as in the original. A substitute's own children are rebuilt too
+    (it may hold originals that were replaced elsewhere); substitutes are owned by the caller
+    and may be filled in place.
+    """
+    memo: dict[int, Any] = {}
+    active: set[int] = set()
+    owned = {id(v) for v in substitutes.values()}
+
+    def fix(obj: Any) -> Any:
+        oid = id(obj)
+        if oid in memo:
+            return memo[oid]
+        new = substitutes.get(oid, obj)
+        if not isinstance(new, (dict, list, tuple, Reduce)) or oid in active:
+            memo[oid] = new
+            return new
+        active.add(oid)
+        mine = new is not obj or id(new) in owned
+        if isinstance(new, dict):
+            vals = {k: fix(v) for k, v in new.items()}
+            if any(vals[k] is not v for k, v in new.items()):
+                if not mine:
+                    new = copy.copy(new)
+                for k, v in vals.items():
+                    new[k] = v
+        elif isinstance(new, list):
+            items = [fix(v) for v in new]
+            if any(a is not b for a, b in zip(items, new)):
+                if not mine:
+                    new = copy.copy(new)
+                new[:] = items
+        elif isinstance(new, tuple):
+            items = [fix(v) for v in new]
+            if any(a is not b for a, b in zip(items, new)):
+                new = type(new)(items) if type(new) is tuple else new
+        else:
+            args = tuple(fix(a) for a in new.args)
+            state = fix(new.state) if new.has_state else new.state
+            items = [fix(x) for x in new.items]
+            dictitems = [(k, fix(v)) for k, v in new.dictitems]
+            kwargs = {k: fix(v) for k, v in new.kwargs.items()} if new.kwargs else new.kwargs
+            changed = (any(a is not b for a, b in zip(args, new.args)) or state is not new.state
+                       or any(a is not b for a, b in zip(items, new.items))
+                       or any(a[1] is not b[1] for a, b in zip(dictitems, new.dictitems))
+                       or (kwargs is not None and new.kwargs is not None
+                           and any(kwargs[k] is not new.kwargs[k] for k in kwargs)))
+            if changed:
+                if not mine:
+                    new = new.copy()
+                new.args, new.state, new.items, new.dictitems = args, state, items, dictitems
+                new.kwargs = kwargs
+        active.discard(oid)
+        memo[oid] = new
+        return new
+
+    return fix(root)

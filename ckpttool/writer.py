@@ -37,6 +37,8 @@ Decisions:
 
 from __future__ import annotations
 
+import errno
+import filecmp
 import os
 import shutil
 import stat
@@ -46,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .checkpoint import CheckpointFile, read_file
-from .errors import CkptError, UnreadableError, UnsafeCheckpointError
+from .errors import CkptError, UnreadableError, UnsafeCheckpointError, WriteError
 from .formats.nodes import Storage
 from .formats.pickler import dumps, zip_pid_renumbering
 from .formats.torchzip import read_record
@@ -68,16 +70,6 @@ class WriteResult:
     backup_path: str | None = None
     pickle_reused: bool = False  # the source's data.pkl bytes were kept verbatim
     records: list[WrittenRecord] = field(default_factory=list)
-
-    @property
-    def message(self) -> str:
-        msg = f"wrote {self.path} ({self.size} bytes)"
-        if self.converted_from == "torch-legacy":
-            msg += ("; the input was in the legacy (non-zip) torch.save format and was "
-                    "written in the zip format torch.save uses since torch 1.6")
-        if self.backup_path:
-            msg += f"; the original is kept as {self.backup_path}"
-        return msg
 
 
 def _umask() -> int:
@@ -120,24 +112,24 @@ def _lookup(mapping: dict[Any, Any] | None, st: Storage) -> Any:
     return mapping.get(st.key) if v is None else v
 
 
-def _check_target(source: CheckpointFile, out_path: str | None,
+def _check_target(source_path: str, out_path: str | None,
                   force: bool) -> tuple[str, bool, os.stat_result | None]:
     """(resolved target path, target is the source file, stat of the existing target)."""
-    target = os.path.realpath(out_path if out_path is not None else source.path)
+    target = os.path.realpath(out_path if out_path is not None else source_path)
     try:
         st = os.stat(target)
     except FileNotFoundError:
         st = None
     if st is not None and stat.S_ISDIR(st.st_mode):
-        raise CkptError(f"{out_path}: is a folder; give a file name to write to")
+        raise CkptError("is a folder; give a file name to write to", path=out_path)
     try:
-        is_source = st is not None and os.path.samefile(target, source.path)
+        is_source = st is not None and os.path.samefile(target, source_path)
     except OSError:
         is_source = False
     if st is not None and not is_source and not force:
-        raise CkptError(f"{out_path}: already exists; use --force to overwrite it")
+        raise CkptError("already exists", path=out_path, hint="use --force to overwrite it")
     if not os.path.isdir(os.path.dirname(target) or "."):
-        raise CkptError(f"{out_path}: the folder {os.path.dirname(target)} does not exist")
+        raise CkptError(f"the folder {os.path.dirname(target)} does not exist", path=out_path)
     return target, is_source, st
 
 
@@ -150,9 +142,13 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
         new = _lookup(new_records, st)
         if new is not None:
             p = _as_payload(st.key, new)
+        elif st.content is not None:  # a new tensor an edit described: streamed
+            p = Payload.from_chunks(st.content.nbytes, st.content.chunks())
+            p.src_name = f"new storage ({st.content.describe()})"
         elif st.record is None:
-            raise CkptError(f"storage {st.key} has no bytes: it is new in the edited tree, "
-                            "so its bytes must be given in new_records")
+            raise CkptError(f"storage {st.key} has no bytes: it is new in the edited tree "
+                            "but has no content and no entry in new_records",
+                            path=source.path)
         else:
             rec = st.record
             crc = getattr(rec, "crc", None)
@@ -242,7 +238,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
                         "(only torch.save files)")
     if root is None:
         root = source.root
-    target, is_source, target_st = _check_target(source, out_path, force)
+    target, is_source, target_st = _check_target(source.path, out_path, force)
 
     fd = os.open(source.path, os.O_RDONLY)
     tmp: str | None = None
@@ -306,8 +302,9 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
         _fsync_dir(directory)
         size = os.stat(target).st_size
     except OSError as e:
-        raise CkptError(f"{out_path or source.path}: could not write the checkpoint "
-                        f"({e.strerror or e}); the original file is unchanged") from e
+        raise WriteError(f"could not write the checkpoint ({e.strerror or e}); the original "
+                         "file is unchanged", path=out_path or source.path,
+                         hint=_write_hint(e)) from e
     finally:
         os.close(fd)
         if tmp is not None:
@@ -320,20 +317,65 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
                        backup_path, reused, written)
 
 
+def _write_hint(e: OSError) -> str | None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return "free some space (the new file is written beside the target before it " \
+               "replaces it) or write elsewhere with -o"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "the folder is not writable; write elsewhere with -o OUT"
+    return None
+
+
+def copy_file(src: str, out_path: str, *, force: bool = False) -> str:
+    """Copy ``src`` to ``out_path`` byte for byte, crash-safely (temp file, fsync, replace).
+
+    Returns the path written. An existing ``out_path`` is refused unless ``force``.
+    """
+    target, is_source, _ = _check_target(src, out_path, force)
+    if is_source:
+        return target
+    directory = os.path.dirname(target)
+    tmp: str | None = None
+    try:
+        tfd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
+                                    suffix=TMP_SUFFIX, dir=directory)
+        with os.fdopen(tfd, "wb") as dst, open(src, "rb") as fsrc:
+            shutil.copyfileobj(fsrc, dst, 8 << 20)
+            dst.flush()
+            os.fchmod(dst.fileno(), stat.S_IMODE(os.stat(src).st_mode))
+            os.fsync(dst.fileno())
+        if not filecmp.cmp(src, tmp, shallow=False):
+            raise WriteError("the copy does not match the source; nothing was replaced",
+                             path=out_path)
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_dir(directory)
+    except OSError as e:
+        raise WriteError(f"could not copy the checkpoint ({e.strerror or e})", path=out_path,
+                         hint=_write_hint(e)) from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return target
+
+
 def _verify(tmp: str, written: list[WrittenRecord], data_pkl: bytes, canon: bytes,
             protocol: int) -> None:
     """Re-read the temp file with ckpttool's reader and compare it with what was meant."""
     try:
         f = read_file(tmp)
     except UnreadableError as e:
-        raise CkptError(f"the new file did not read back ({e}); nothing was replaced") from e
+        raise WriteError(f"the new file did not read back ({e}); nothing was replaced") from e
     if f.format != "torch-zip" or f.archive is None:
-        raise CkptError("the new file did not read back as a torch zip file; nothing was "
+        raise WriteError("the new file did not read back as a torch zip file; nothing was "
                         "replaced")
     got = [(r.name, r.data_offset, r.size, r.crc, r.method) for r in f.archive.records.values()]
     want = [(r.name, r.data_offset, r.size, r.crc, 0) for r in written]
     if got != want:
-        raise CkptError("the new file's records differ from what was written (sizes, "
+        raise WriteError("the new file's records differ from what was written (sizes, "
                         "offsets or CRCs); nothing was replaced")
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -341,7 +383,7 @@ def _verify(tmp: str, written: list[WrittenRecord], data_pkl: bytes, canon: byte
     finally:
         os.close(fd)
     if back != data_pkl or dumps(f.root, protocol=protocol) != canon:
-        raise CkptError("the new file's data.pkl does not read back to the tree that was "
+        raise WriteError("the new file's data.pkl does not read back to the tree that was "
                         "written; nothing was replaced")
 
 
@@ -371,4 +413,4 @@ def _make_backup(target: str) -> str:
     return bak
 
 
-__all__ = ["WriteResult", "write_file", "Payload", "TMP_SUFFIX"]
+__all__ = ["WriteResult", "write_file", "copy_file", "Payload", "TMP_SUFFIX"]

@@ -149,19 +149,56 @@ def assert_scaled(edited: list[list[float]], orig: list[list[float]], k: list[fl
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_set_lr_resume_scales_schedule(name: str, tmp_path: Path) -> None:
+    """--same: every group's next step uses LR; each group's schedule is scaled by its own
+    factor (refused where the scheduler shares one value between groups: see below)."""
     orig = tmp_path / "orig.pt"
     save_trained(name, orig)
     saved = [g["lr"] for g in torch.load(orig)["optimizer"]["param_groups"]]
     assert saved[0] != saved[1] or SCHEDULERS[name][0] == "sgd-same-lr"
     edited = tmp_path / "edited.pt"
     shutil.copy(orig, edited)
-    out = run("set-lr", edited, LR)
-    assert out.stdout.count("\n") == 1 and "set-lr" in out.stdout
+    out = run("set-lr", edited, LR, *(["--same"] if saved[0] != saved[1] else []))
+    assert out.stdout.count("\n") == 1 and out.stdout.startswith("set-lr: lr 0.05 in ")
     a, b = resume(name, orig), resume(name, edited)
     assert b[0] == pytest.approx([LR, LR], rel=1e-12)
     assert_scaled(b, a, [LR / s for s in saved])
     if name != "ConstantLR":  # the schedule really moves during the resumed steps
         assert len({round(x[1] / a[0][1], 12) for x in a}) > 1
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_set_lr_keep_ratios_and_scale(name: str, tmp_path: Path) -> None:
+    """--keep-ratios: the largest group lr becomes LR and every group keeps its ratio to it
+    (layer-wise decay survives); --scale F multiplies every group. Both scale every schedule
+    by one factor, so even a shared eta_min follows."""
+    orig = tmp_path / "orig.pt"
+    save_trained(name, orig)
+    saved = [g["lr"] for g in torch.load(orig)["optimizer"]["param_groups"]]
+    a = resume(name, orig)
+    keep = tmp_path / "keep.pt"
+    shutil.copy(orig, keep)
+    run("set-lr", keep, LR, "--keep-ratios")
+    b = resume(name, keep)
+    k = LR / max(saved)
+    assert max(b[0]) == pytest.approx(LR, rel=1e-12)
+    assert_scaled(b, a, [k, k])
+    scaled = tmp_path / "scaled.pt"
+    shutil.copy(orig, scaled)
+    run("set-lr", scaled, "--scale", 0.25)
+    assert_scaled(resume(name, scaled), a, [0.25, 0.25])
+
+
+def test_set_lr_groups_of_different_lr_ask_for_intent(tmp_path: Path) -> None:
+    """Defect 6: set-lr used to give every group exactly LR, silently."""
+    orig = tmp_path / "orig.pt"
+    save_trained("StepLR", orig)
+    before = orig.read_bytes()
+    err = run("set-lr", orig, LR, code=1).stderr
+    assert err == (f"Error: {orig}: the groups of optimizer /optimizer have different lrs "
+                   "(group 0: 0.05, group 1: 0.005); pass --keep-ratios to make the largest lr "
+                   "0.05 and scale the others by the same factor, --same to give every group "
+                   "lr 0.05, or --scale F to multiply each by F\n")
+    assert orig.read_bytes() == before
 
 
 def test_set_lr_shared_eta_min_refused(tmp_path: Path) -> None:
@@ -175,8 +212,16 @@ def test_set_lr_shared_eta_min_refused(tmp_path: Path) -> None:
     path = tmp_path / "cos.pt"
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, path)
     before = path.read_bytes()
-    err = run("set-lr", path, LR, code=1).stderr
-    assert "eta_min" in err and "--no-scheduler" in err
+    err = run("set-lr", path, LR, "--same", code=1).stderr
+    assert err == (f"Error: {path}: eta_min = 0.001 is one value shared by all 2 groups of "
+                   "the CosineAnnealingLR scheduler, but the groups would be scaled by "
+                   "different factors; use --keep-ratios or --scale F (one factor for all "
+                   "groups), or pass --no-scheduler\n")
+    err = run("set-lr", path, LR, "--group", 0, code=1).stderr
+    assert err == (f"Error: {path}: eta_min = 0.001 is one value shared by all 2 groups of "
+                   "the CosineAnnealingLR scheduler, but the groups would be scaled by "
+                   "different factors; select every group (drop --group) or pass "
+                   "--no-scheduler\n")
     assert path.read_bytes() == before
 
 
@@ -208,7 +253,9 @@ def test_set_lr_base_lr_when_current_lr_is_zero(tmp_path: Path) -> None:
         err = run("set-lr", path, LR, code=1)
         assert "--base-lr" in err.stderr and "0" in err.stderr
         assert path.read_bytes() == before
-        run("set-lr", path, LR, "--base-lr")
+        err = run("set-lr", path, LR, "--base-lr", code=1).stderr
+        assert "have different base lrs (group 0: 0.1, group 1: 0.01)" in err
+        run("set-lr", path, LR, "--base-lr", "--same")
         ck = torch.load(path)
         assert ck["scheduler"]["base_lrs"] == [LR, LR]
         assert [g["initial_lr"] for g in ck["optimizer"]["param_groups"]] == [LR, LR]
@@ -228,11 +275,13 @@ def test_set_lr_ambiguous_scheduler(tmp_path: Path) -> None:
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "sched_a": sched.state_dict(), "sched_b": other.state_dict()}, path)
     before = path.read_bytes()
-    err = run("set-lr", path, LR, code=1).stderr
-    assert "/sched_a" in err and "/sched_b" in err and "--scheduler" in err
+    err = run("set-lr", path, LR, "--same", code=1).stderr
+    assert err == (f"Error: {path}: several schedulers could drive optimizer /optimizer: "
+                   "/sched_a, /sched_b; pick one with --scheduler POINTER, or pass "
+                   "--no-scheduler to leave schedulers unchanged\n")
     assert path.read_bytes() == before
     old = torch.load(path)
-    run("set-lr", path, LR, "--scheduler", "/sched_a")
+    run("set-lr", path, LR, "--same", "--scheduler", "/sched_a")
     ck = torch.load(path)
     k = [LR / g["lr"] for g in old["optimizer"]["param_groups"]]
     assert ck["sched_a"]["base_lrs"] == pytest.approx([0.1 * k[0], 0.01 * k[1]], rel=1e-12)

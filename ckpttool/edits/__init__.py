@@ -1,77 +1,38 @@
-"""Edits: functions from an opened checkpoint to a plan of changes to its tree.
+"""Edits: functions from an opened checkpoint to a :class:`~.plan.Plan` of changes.
 
-An edit mutates the tree of the :class:`~ckpttool.checkpoint.Checkpoint` it is given and
-returns an :class:`EditPlan` saying what changed, which files must be rewritten and which
-storages get new bytes. Edits never touch files; :func:`ckpttool.save.save` writes a plan.
+Each edit takes a :class:`~ckpttool.checkpoint.Checkpoint` and returns a plan whose ``result``
+is the edited checkpoint; the checkpoint given is never changed, so edits chain
+(``plan.then(edit, ...)``) and a plan is also a diff. Edits never touch files:
+:func:`ckpttool.save.save` writes a plan.
+
+* :func:`~.set_lr.set_lr` - the lr the next step uses after a normal resume, schedule scaled;
+* :func:`~.set_hparams.set_hparams` - hyperparameters checked against the optimizer's type;
+* :func:`~.move.move` - device tags of storages (every storage, in opaque objects too);
+* :func:`~.merge_groups.merge_groups` - param groups merged, state and scheduler following.
 """
 
 from __future__ import annotations
 
 import ast
-import struct
-from dataclasses import dataclass, field
+import math
 from typing import Any
 
-from ..checkpoint import Checkpoint
-from ..errors import EditError
 from ..formats.nodes import TensorRef
-from ..tree import join
-
-
-@dataclass
-class Change:
-    pointer: str
-    before: Any
-    after: Any
-
-
-@dataclass
-class EditPlan:
-    """What an edit did to the tree and what the writer must do about it."""
-
-    ckpt: Checkpoint
-    command: str
-    changes: list[Change] = field(default_factory=list)
-    touched: set[str] = field(default_factory=set)  # file names ("" for a single file)
-    new_records: dict[str, dict[str, Any]] = field(default_factory=dict)  # file -> key -> bytes
-    notes: list[str] = field(default_factory=list)
-    summary: str = ""
-
-    def touch(self, pointer: str) -> str:
-        name = self.ckpt.file_for(pointer).name
-        self.touched.add(name)
-        return name
-
-    def set(self, container: Any, key: Any, pointer: str, value: Any) -> None:
-        """Set ``container[key] = value`` (a tensor's value is rewritten in its record)."""
-        old = container[key]
-        ptr = join(pointer, key)
-        if isinstance(old, TensorRef):
-            self.set_tensor_scalar(old, ptr, value)
-            return
-        container[key] = value
-        self.changes.append(Change(ptr, old, value))
-        self.touch(ptr)
-
-    def set_tensor_scalar(self, t: TensorRef, pointer: str, value: float) -> None:
-        st = t.storage
-        fmt = {"float32": "<f", "float64": "<d"}.get(t.dtype)
-        if st is None or fmt is None or t.numel != 1 or st.nbytes != t.itemsize:
-            raise EditError(f"{pointer}: a {t.dtype} tensor of shape {list(t.shape)} sharing "
-                            "its storage cannot be edited as a number")
-        name = self.touch(pointer)
-        self.new_records.setdefault(name, {})[st.key] = struct.pack(fmt, value)
-        self.changes.append(Change(pointer, t.value, value))
-        t.value = value
+from .plan import ABSENT, Change, Plan, TreeEditor
 
 
 def as_number(v: Any) -> float | None:
     """A numeric hyperparameter as a float: a number, or a 0-d tensor whose value was read."""
     if isinstance(v, TensorRef):
-        return float(v.value) if isinstance(v.value, (int, float)) else None
+        return float(v.value) if isinstance(v.value, (int, float)) and not v.shape else None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     return None
+
+
+def close(a: float, b: float) -> bool:
+    """Equal up to float rounding (values read back from a file, products of factors)."""
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
 
 
 def parse_value(text: str) -> Any:
@@ -89,3 +50,6 @@ def parse_value(text: str) -> Any:
             return tuple(parse_value(p) for p in text.split(","))
         return text
     return v
+
+
+__all__ = ["ABSENT", "Change", "Plan", "TreeEditor", "as_number", "close", "parse_value"]

@@ -1,4 +1,4 @@
-"""``move``: change the device tag of storages (no tensor bytes are read or written).
+"""``move``: change the device tag of every storage (no tensor bytes are read or written).
 
 torch.save always writes bytes from a CPU copy; the device is only the ``location`` string of
 each storage's persistent id. ``step`` stays on the CPU unless its group is capturable or
@@ -13,9 +13,9 @@ import re
 
 from ..checkpoint import Checkpoint
 from ..errors import EditError
-from ..formats.nodes import Storage, TensorRef
-from ..tree import walk
-from . import Change, EditPlan
+from ..formats.nodes import TensorRef
+from ..tree import opaque_top, storages
+from . import Plan, TreeEditor
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 _RNG_FILE = re.compile(r"^(rng_state.*\.pth|random_states_\d+\.pkl)$")
@@ -27,13 +27,20 @@ def normalize_device(device: str) -> str:
     return "cuda:0" if device == "cuda" else device
 
 
-def move(ckpt: Checkpoint, device: str, pointer: str = "") -> EditPlan:
-    """Tag every storage under ``pointer`` with ``device`` (``step`` stays on the CPU unless
-    its group is capturable or fused)."""
+def move(ckpt: Checkpoint, device: str, pointer: str = "") -> Plan:
+    """Tag every storage under ``pointer`` with ``device``.
+
+    Every storage is reached, including those of tensors inside opaque objects (a pickled
+    ``nn.Module``, ultralytics' ``ema``, an FSDP tensor subclass). ``step`` stays on the CPU
+    unless its group is capturable or fused; RNG-state files stay on the CPU.
+
+    Args:
+        ckpt: the checkpoint (not changed; the plan's ``result`` is the edited one).
+        device: ``cpu``, ``cuda`` (``cuda:0``) or ``cuda:N``.
+        pointer: only storages under this JSON Pointer (default: all).
+    """
     loc = normalize_device(device)
-    root = ckpt.resolve(pointer)
-    plan = EditPlan(ckpt, "move")
-    # step tensors that must stay on the CPU
+    ed = TreeEditor(ckpt, "move")
     cpu_steps: set[int] = set()
     for opt in ckpt.optimizers:
         for s in opt.state:
@@ -41,39 +48,33 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> EditPlan:
             g = opt.groups[s.group].hyperparameters if s.group is not None else {}
             if isinstance(step, TensorRef) and not (g.get("capturable") or g.get("fused")):
                 cpu_steps.add(id(step.storage))
-    storages: dict[int, tuple[str, Storage]] = {}
-    for ptr, obj in _tensor_holders(root, pointer):
-        t = obj
-        st = t.storage
-        if st is not None and id(st) not in storages:
-            storages[id(st)] = (ptr, st)
-    rng = {sid for sid, (ptr, _) in storages.items()
-           if ckpt.is_folder and _RNG_FILE.match(ckpt.file_for(ptr).name)}
-    moved = 0
-    for sid, (ptr, st) in storages.items():
-        target = "cpu" if sid in cpu_steps or sid in rng else loc
-        if st.location != target:
-            plan.changes.append(Change(ptr, st.location, target))
-            st.pid = st.with_location(target)
-            plan.touch(ptr)
-            moved += 1
-    kept = sum(1 for sid in storages if sid in cpu_steps and sid not in rng)
-    kept_rng = sum(1 for sid in storages if sid in rng)
-    stay = [f"{kept} non-capturable step tensors"] if kept else []
+    found = storages(ckpt.resolve(pointer), pointer)
+    moved = kept_steps = kept_rng = 0
+    opaque_at: dict[str, int] = {}
+    for sid, (ptr, st, in_opaque) in found.items():
+        rng = ckpt.is_folder and bool(_RNG_FILE.match(ckpt.file_for(ptr).name))
+        target = "cpu" if sid in cpu_steps or rng else loc
+        if target != loc:
+            kept_steps += sid in cpu_steps and not rng
+            kept_rng += rng
+        if st.location == target:
+            continue
+        ed.substitute(st, st.retagged(target), ptr, st.location, target)
+        moved += 1
+        if in_opaque:
+            top = opaque_top(ptr)
+            opaque_at[top] = opaque_at.get(top, 0) + 1
+    total = len(found)
+    stay = [f"{kept_steps} non-capturable step tensors"] if kept_steps else []
     stay += [f"{kept_rng} RNG-state tensors"] if kept_rng else []
-    plan.summary = (f"move: {moved} of {len(storages)} storages now on {loc}"
-                    + (f" ({' and '.join(stay)} stay on cpu)" if stay and loc != "cpu"
-                       else ""))
-    return plan
+    if not moved:
+        summary = f"move: all {total} storages are already where they belong; no changes"
+    else:
+        summary = f"move: {moved} of {total} storages now on {loc}"
+        if opaque_at:
+            summary += " (" + ", ".join(f"{n} inside the pickled object at {p}"
+                                        for p, n in opaque_at.items()) + ")"
+    if stay and loc != "cpu":
+        summary += f"; {' and '.join(stay)} stay on cpu"
+    return ed.finish(summary)
 
-
-def _tensor_holders(root: object, pointer: str) -> list[tuple[str, TensorRef]]:
-    out = []
-    if isinstance(root, TensorRef):
-        return [(pointer, root)]
-    for ptr, obj in walk(root, pointer):
-        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
-        for k, v in items:
-            if isinstance(v, TensorRef):
-                out.append((f"{ptr}/{k}", v))
-    return out

@@ -8,16 +8,18 @@ torch's optimizer would have created; turning it off removes it.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import math
 from typing import Any
 
 from .. import knowledge
 from ..checkpoint import Checkpoint
 from ..errors import EditError
-from ..formats.nodes import Global, Storage, TensorRef
+from ..formats.nodes import TensorRef
+from ..locate import OptimizerState
 from ..names import param_shape
+from ..newtensors import Zeros, new_tensor
 from ..tree import join
-from . import Change, EditPlan
+from . import Plan, TreeEditor, as_number
 
 
 def _type_ok(default: Any, value: Any) -> bool:
@@ -44,99 +46,91 @@ def _fits_option(option: str, values: dict[str, Any]) -> bool:
         return False
 
 
-def new_zeros_like(plan: EditPlan, file: str, like: TensorRef, shape: tuple[int, ...]
-                   ) -> TensorRef:
-    """A new contiguous zero tensor of ``like``'s dtype and device, in a new storage record."""
-    f = next(x for x in plan.ckpt.files if x.name == file)
-    used = {int(k) for k in f.storages if k.isdigit()}
-    used |= {int(k) for k in plan.new_records.get(file, {}) if k.isdigit()}
-    key = str(max(used, default=-1) + 1)
-    base = like.base
-    st = like.storage
-    assert st is not None
-    numel = 1
-    for d in shape:
-        numel *= d
-    stride = []
-    acc = 1
-    for d in reversed(shape):
-        stride.append(acc)
-        acc *= d
-    typed = st.typed_dtype is not None
-    storage = Storage(("storage", st.storage_type, key, st.location,
-                       numel if typed else numel * like.itemsize))
-    f.storages[key] = storage
-    args = (storage, 0, tuple(shape), tuple(reversed(stride)), False, OrderedDict(),
-            *base.args[6:])
-    func = base.func if isinstance(base.func, Global) else Global(
-        "torch._utils", "_rebuild_tensor_v2", "allowed")
-    t = TensorRef(Global(func.module, func.name, func.safety), args)
-    plan.new_records.setdefault(file, {})[key] = bytes(numel * like.itemsize)
-    return t
-
-
 def set_hparams(ckpt: Checkpoint, assignments: dict[str, Any], groups: list[int] | None = None,
-                optimizer: str | None = None, force: bool = False) -> EditPlan:
-    """Set hyperparameters ``assignments`` in the selected groups (all when None)."""
+                optimizer: str | None = None, force: bool = False) -> Plan:
+    """Set hyperparameters in the selected param groups.
+
+    Args:
+        ckpt: the checkpoint (not changed; the plan's ``result`` is the edited one).
+        assignments: key -> value; keys are checked against the inferred optimizer type
+            (its torch defaults, the LR-like keys, and extra keys already in the groups).
+        groups: group indices to change; all when None.
+        optimizer: JSON Pointer of the optimizer when the checkpoint has several.
+        force: allow keys the type does not have and values of another type.
+
+    Returns:
+        The plan. Turning on an option that needs state adds it (zeros, streamed at write
+        time); turning it off removes it.
+    """
     opt = ckpt.optimizer(optimizer)
+    where = f"optimizer {opt.pointer or '(root)'}"
     n = len(opt.groups)
-    selected = list(range(n)) if groups is None else groups
+    selected = list(range(n)) if groups is None else list(dict.fromkeys(groups))
     for g in selected:
         if not 0 <= g < n:
-            raise EditError(f"{ckpt.path}: there is no group {g} (groups 0..{n - 1})")
+            raise EditError(f"{where} has groups 0..{n - 1}; there is no group {g}",
+                            path=ckpt.path, pointer=opt.pointer)
     info = knowledge.optimizer_info(opt.type) if opt.type in knowledge.optimizer_types() \
         else None
     for key, value in assignments.items():
         if key in ("params", "param_names"):
-            raise EditError(f"{key} cannot be set; use merge-groups to change groups")
+            raise EditError(f"{key} cannot be set", key=key,
+                            hint="use merge-groups to change which params a group holds")
         if info is None:
             if not force:
-                raise EditError(f"{ckpt.path}: optimizer type is {opt.type}, so {key!r} cannot "
-                                "be checked; pass --force to set it anyway")
+                raise EditError(f"the type of {where} is unknown ({opt.guess.reason}), so "
+                                f"{key!r} cannot be checked", path=ckpt.path,
+                                pointer=opt.pointer, key=key,
+                                hint="pass --force to set it anyway")
             continue
-        if key not in info.defaults and key not in knowledge.LR_LIKE_GROUP_KEYS:
+        known = set(info.defaults) | set(knowledge.LR_LIKE_GROUP_KEYS) | set(opt.extra_keys)
+        if key not in known:
             if not force:
                 raise EditError(f"{opt.type} has no hyperparameter {key!r} (it has "
-                                f"{', '.join(info.defaults)}); pass --force to add it anyway")
+                                f"{', '.join(info.defaults)})", path=ckpt.path,
+                                pointer=opt.pointer, key=key,
+                                hint="pass --force to add it anyway")
             continue
         default = info.defaults.get(key)
         if not _type_ok(default, value) and not force:
-            raise EditError(f"{opt.type}.{key} expects a value like {default!r}, got {value!r}")
-    plan = EditPlan(ckpt, "set")
-    raw_groups = opt.raw["param_groups"]
+            raise EditError(f"{opt.type}.{key} expects a value like {default!r}, got {value!r}",
+                            path=ckpt.path, pointer=opt.pointer, key=key)
+    ed = TreeEditor(ckpt, "set")
     for g in selected:
         ptr = join(join(opt.pointer, "param_groups"), g)
-        group = raw_groups[g]
-        before = dict(group)
+        before = opt.raw["param_groups"][g]
+        after = dict(before)
         for key, value in assignments.items():
             default = info.defaults.get(key) if info else None
-            if isinstance(default, list) and isinstance(value, list):
-                value = tuple(value)
             if isinstance(value, list):
                 value = tuple(value)
-            if isinstance(default, float) and isinstance(value, int):
+            if isinstance(default, float) and isinstance(value, int) \
+                    and not isinstance(value, bool):
                 value = float(value)
-            if key in group:
-                if group[key] != value or type(group[key]) is not type(value):
-                    plan.set(group, key, ptr, value)
-            else:
-                group[key] = value
-                plan.changes.append(Change(join(ptr, key), None, value))
-                plan.touch(ptr)
-            opt.groups[g].hyperparameters[key] = group[key]
+            after[key] = value
+            if key in before and before[key] == value and type(before[key]) is type(value):
+                continue
+            if key in before and isinstance(before[key], TensorRef):
+                num = as_number(value)
+                if num is None:
+                    raise EditError(f"{key} is a tensor here; it can only be set to a number",
+                                    path=ckpt.path, pointer=join(ptr, key), key=key)
+                if as_number(before[key]) != num:
+                    ed.set_number(join(ptr, key), num)
+                continue
+            ed.set(join(ptr, key), value)
         if info is not None:
-            _sync_state(plan, opt, g, before, group, info)
-    plan.summary = (f"set: {', '.join(f'{k}={v!r}' for k, v in assignments.items())} in "
-                    f"group{'s' if len(selected) > 1 else ''} "
-                    f"{', '.join(map(str, selected))} of {opt.pointer or '(root)'} ({opt.type}); "
-                    f"{len(plan.changes)} values changed")
-    return plan
+            _sync_state(ed, opt, g, before, after, info)
+    changed = len(ed.changes)
+    return ed.finish(f"set: {', '.join(f'{k}={v!r}' for k, v in assignments.items())} in "
+                     f"group{'s' if len(selected) > 1 else ''} "
+                     f"{', '.join(map(str, selected))} of {where} ({opt.type}); "
+                     f"{changed} value{'' if changed == 1 else 's'} changed")
 
 
-def _sync_state(plan: EditPlan, opt: Any, g: int, before: dict[str, Any],
+def _sync_state(ed: TreeEditor, opt: OptimizerState, g: int, before: dict[str, Any],
                 after: dict[str, Any], info: knowledge.OptimizerInfo) -> None:
     """Add (or drop) the state an option needs when the option is turned on (or off)."""
-    file = plan.ckpt.file_for(opt.pointer or "").name if plan.ckpt.is_folder else ""
     for option, keys in info.conditional_state.items():
         was, now = _fits_option(option, before), _fits_option(option, after)
         if was == now:
@@ -152,11 +146,9 @@ def _sync_state(plan: EditPlan, opt: Any, g: int, before: dict[str, Any],
                                  and k != "step" and v.shape), None)
                     shape = param_shape(opt.type, entries)
                     if like is None or shape is None:
-                        raise EditError(f"{sptr}: cannot tell the param's shape to add {key}")
-                    entries[key] = new_zeros_like(plan, file, like, shape)
-                    plan.changes.append(Change(join(sptr, key), None, f"zeros{list(shape)}"))
-                    plan.touch(sptr)
+                        raise EditError(f"cannot tell the param's shape to add {key}",
+                                        path=ed.ckpt.path, pointer=sptr, key=key)
+                    t = new_tensor(like, shape, Zeros(math.prod(shape) * like.itemsize))
+                    ed.set(join(sptr, key), t, shown=f"zeros{list(shape)}")
                 elif not now and key in entries:
-                    old = entries.pop(key)
-                    plan.changes.append(Change(join(sptr, key), old, None))
-                    plan.touch(sptr)
+                    ed.delete(join(sptr, key))

@@ -83,6 +83,16 @@ class Reduce:
     def qualname(self) -> str:
         return self.func.qualname if isinstance(self.func, Global) else "<call>"
 
+    def copy(self) -> Reduce:
+        """A shallow copy (same func, args, state; own lists of items and dictitems)."""
+        new = object.__new__(type(self))
+        for cls in type(self).__mro__:
+            for slot in getattr(cls, "__slots__", ()):
+                setattr(new, slot, getattr(self, slot))
+        new.items = list(self.items)
+        new.dictitems = list(self.dictitems)
+        return new
+
     @property
     def has_state(self) -> bool:
         return self.state is not Reduce.NO_STATE
@@ -96,13 +106,20 @@ class Storage:
 
     ``pid`` keeps the tuple's elements as read, so writing it back reproduces the pickle.
     ``record`` is filled by the archive reader: where the bytes lie (or ``None`` if absent).
+    ``content`` describes the bytes of a storage an edit made (see :mod:`ckpttool.newtensors`);
+    the writer streams it. A storage has a record or a content, never both.
     """
 
-    __slots__ = ("pid", "record")
+    __slots__ = ("pid", "record", "content")
 
-    def __init__(self, pid: tuple[Any, ...]) -> None:
+    def __init__(self, pid: tuple[Any, ...], record: Any = None, content: Any = None) -> None:
         self.pid = pid
-        self.record: Any = None
+        self.record: Any = record
+        self.content: Any = content
+
+    def retagged(self, location: str) -> Storage:
+        """The same bytes under another device tag (a new storage node)."""
+        return Storage(self.with_location(location), self.record, self.content)
 
     @property
     def storage_type(self) -> Any:

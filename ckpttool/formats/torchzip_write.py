@@ -28,7 +28,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from ..errors import CkptError
+from ..errors import CkptError, CRCMismatchError
 
 U32_MAX = 0xFFFFFFFF
 DEFAULT_ALIGNMENT = 64
@@ -44,12 +44,6 @@ _EOCD64_LOC = struct.Struct("<4sLQL")
 _EOCD = struct.Struct("<4s4H2LH")
 
 Progress = Callable[[int, int], None]
-
-
-class CRCMismatchError(CkptError):
-    """A copied record's bytes do not match the CRC32 its source archive recorded."""
-
-    exit_code = 3
 
 
 @dataclass

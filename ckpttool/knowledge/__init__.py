@@ -1,9 +1,9 @@
 """Torch-free knowledge about ``torch.optim`` optimizers and LR schedulers.
 
 The data lives in ``torch_optim.json`` next to this module.  It is generated
-from the installed torch by :mod:`ckpttool.knowledge.generate` (the only
-module that imports torch); this module only uses the standard library, so
-inspecting a checkpoint never needs torch.
+from the installed torch by :mod:`ckpttool.knowledge.generate`, which imports
+torch (as does :mod:`ckpttool.stats`, for ``show --stats`` only); this module
+only uses the standard library, so inspecting a checkpoint never needs torch.
 
 Main entry points:
 
@@ -65,6 +65,11 @@ LR_LIKE_GROUP_KEYS: tuple[str, ...] = ("lr", "initial_lr", "max_lr", "min_lr", "
 #: keys the generator saw being added (see :func:`scheduler_added_group_keys`,
 #: which e.g. also contains ``swa_lr`` from ``SWALR``).
 SCHEDULER_ADDED_GROUP_KEYS: tuple[str, ...] = ("initial_lr", "max_lr", "min_lr", "base_momentum", "max_momentum")
+
+#: At most this many param-group keys that a torch optimizer does not write are taken as a
+#: framework's additions (mmengine ``lr_mult`` / ``decay_mult``, timm ``lr_scale``,
+#: ultralytics ``param_group``); more mean another optimizer (timm's Lamb, LAMB, Lion...).
+MAX_EXTRA_GROUP_KEYS = 3
 
 #: Scheduler state keys written by older torch releases only (``verbose`` was
 #: an ``LRScheduler`` attribute until torch 2.2-2.6); ignored when falling back
@@ -279,6 +284,9 @@ class OptimizerGuess:
         reason: human readable explanation.
         exact: True if the group keys matched the optimizer's key set exactly
             (False for a closest-match fallback or ``"unknown"``).
+        extra_keys: group keys the inferred type does not write (added by a framework:
+            mmengine ``lr_mult`` / ``decay_mult``, timm ``lr_scale``, ultralytics
+            ``param_group``); kept as they are by every edit.
     """
 
     type: str
@@ -287,6 +295,7 @@ class OptimizerGuess:
     seen_state_keys: tuple[str, ...]
     reason: str
     exact: bool = field(default=False)
+    extra_keys: tuple[str, ...] = field(default=())
 
     @property
     def is_known(self) -> bool:
@@ -412,7 +421,7 @@ def infer_optimizer(
         # extra keys, then the fewest missing keys.
         scored.append(((len(extra), len(missing)), info, missing, extra))
     if not scored:
-        return OptimizerGuess(UNKNOWN, (), sg, ss, "keys match no torch.optim optimizer")
+        return _infer_with_extra_keys(infos, seen_g, seen_s, group_values, sg, ss)
 
     best = min(s[0] for s in scored)
     top = [s for s in scored if s[0] == best]
@@ -429,6 +438,48 @@ def infer_optimizer(
     if notes:
         reason += "; " + "; ".join(notes)
     return OptimizerGuess(ordered[0], tuple(ordered), sg, ss, reason, exact=False)
+
+
+def _infer_with_extra_keys(infos: list[OptimizerInfo], seen_g: frozenset[str],
+                           seen_s: frozenset[str], group_values: Mapping[str, object] | None,
+                           sg: tuple[str, ...], ss: tuple[str, ...]) -> OptimizerGuess:
+    """The type when frameworks added keys of their own to the groups.
+
+    Every hyperparameter the type writes that is not a flag must be present, the state keys
+    must fit (with ``step`` when the type keeps one), and at most
+    :data:`MAX_EXTRA_GROUP_KEYS` keys may be left over (those are the "extra keys"; never a
+    ``step``, which means an optimizer that counts steps in its groups, like timm's Lamb);
+    flags an older torch did not write may be missing. State keys decide between equal
+    candidates.
+    """
+    scored: list[tuple[tuple[int, int, int], OptimizerInfo, list[str]]] = []
+    for info in infos:
+        expected = info.hyperparameter_keys - set(IGNORED_GROUP_KEYS) - \
+            scheduler_added_group_keys()
+        if not (expected - info.flag_keys) <= seen_g or not seen_s <= info.possible_state_keys:
+            continue
+        if seen_s and info.step is not None and "step" not in seen_s:
+            continue
+        extra = sorted(seen_g - expected)
+        if len(extra) > MAX_EXTRA_GROUP_KEYS or "step" in extra:
+            continue
+        missing = len(expected - seen_g)
+        evidence = -len(info.unconditional_state_keys & seen_s)
+        scored.append(((len(extra), missing, evidence), info, extra))
+    if not scored:
+        return OptimizerGuess(UNKNOWN, (), sg, ss, "keys match no torch.optim optimizer")
+    best = min(s[0] for s in scored)
+    top = [s for s in scored if s[0] == best]
+    ordered, notes = _disambiguate([s[1].name for s in top], seen_s, group_values)
+    extra = next(s[2] for s in top if s[1].name == ordered[0])
+    reason = (f"group keys of {ordered[0]} plus extra keys {', '.join(extra)}"
+              + ("; state keys fit" if seen_s else ""))
+    if len(ordered) > 1:
+        reason += f"; ambiguous between {', '.join(ordered)}"
+    if notes:
+        reason += "; " + "; ".join(notes)
+    return OptimizerGuess(ordered[0], tuple(ordered), sg, ss, reason, exact=False,
+                          extra_keys=tuple(extra))
 
 
 # --------------------------------------------------------------------------
@@ -526,7 +577,9 @@ def scheduler_candidates(keys: Collection[str]) -> tuple[str, ...]:
     base keys and :data:`HISTORICAL_SCHEDULER_KEYS`) are compared: an exact
     match of those, else the classes whose specific keys are a subset or
     superset of them with Jaccard similarity >= 0.75 (e.g. a torch-2.1
-    ReduceLROnPlateau, which lacks ``default_min_lr``).
+    ReduceLROnPlateau, which lacks ``default_min_lr``), else the class whose keys
+    hold every key seen including one no other class has (CyclicLR with
+    ``cycle_momentum=False`` leaves its momentum keys out).
     """
     seen = frozenset(keys)
     infos = _schedulers().values()
@@ -548,7 +601,16 @@ def scheduler_candidates(keys: Collection[str]) -> tuple[str, ...]:
         for n, s in specific.items()
         if s and (s <= rest or rest <= s) and len(s & rest) / len(s | rest) >= 0.75
     ]
-    return tuple(_order_schedulers(close))
+    if close:
+        return tuple(_order_schedulers(close))
+    # options leave keys out (CyclicLR(cycle_momentum=False) keeps no momentum keys): a class
+    # whose keys hold all the keys seen, including one that no other class has
+    owned = [
+        n
+        for n, s in specific.items()
+        if rest <= s and rest & (s - frozenset().union(*(o for m, o in specific.items() if m != n)))
+    ]
+    return tuple(_order_schedulers(owned))
 
 
 def looks_like_scheduler(mapping_keys: Collection[str]) -> bool:
