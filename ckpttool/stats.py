@@ -1,17 +1,49 @@
-"""Statistics of tensor values (``show --stats``): the one part of reading that uses torch."""
+"""Statistics of tensor values (``show --stats``): with :mod:`ckpttool.knowledge.generate`, the
+only code of ckpttool that imports torch (here only when statistics are asked for)."""
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from .checkpoint import read_tensor_bytes
 from .formats.nodes import TensorRef
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from .locate import OptimizerState
+
+
+def _torch() -> ModuleType:
+    """torch, imported without its "Failed to initialize NumPy" warning.
+
+    Without numpy, torch warns on import that it failed to initialize NumPy, although nothing
+    here needs numpy: the values are read with ``torch.frombuffer``.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Failed to initialize NumPy",
+                                category=UserWarning)
+        import torch
+    return torch
+
 
 def tensor_stats(t: TensorRef) -> dict[str, Any]:
-    """norm, min, max, mean and NaN / Inf counts of a tensor, read from the file."""
-    import torch
+    """Norm, min, max, mean and NaN / Inf counts of a tensor, read from the file.
 
+    Args:
+        t: a tensor of a checkpoint opened with :func:`ckpttool.open`.
+
+    Returns:
+        ``norm``, ``min``, ``max`` and ``mean`` of the finite elements (as float64; ``None``
+        when there are none), ``nan`` and ``inf`` the counts of the others. Complex values
+        count by their magnitude.
+
+    Raises:
+        UnreadableError: the tensor's bytes are missing from the file.
+    """
+    torch = _torch()
     raw = bytearray(read_tensor_bytes(t))
     dtype = getattr(torch, t.dtype)
     if not raw:
@@ -20,7 +52,7 @@ def tensor_stats(t: TensorRef) -> dict[str, Any]:
     x = flat.as_strided(t.shape, t.stride, 0) if t.shape else flat[0]
     if x.is_complex():
         x = x.abs()
-    x = x.double() if x.is_floating_point() or x.dtype == torch.bool else x.double()
+    x = x.double()
     finite = x[torch.isfinite(x)]
     return {
         "norm": float(torch.linalg.vector_norm(finite)) if finite.numel() else None,
@@ -30,3 +62,25 @@ def tensor_stats(t: TensorRef) -> dict[str, Any]:
         "nan": int(torch.isnan(x).sum()),
         "inf": int(torch.isinf(x).sum()),
     }
+
+
+def optimizer_stats(opts: Iterable[OptimizerState]) -> dict[int, dict[str, Any]]:
+    """Statistics of every tensor in the per-parameter state of the optimizers.
+
+    Args:
+        opts: optimizer states, as ``Checkpoint.optimizers`` lists them.
+
+    Returns:
+        ``id(tensor)`` -> :func:`tensor_stats` of it, for each tensor once (a tensor shared
+        by several entries is read once).
+
+    Raises:
+        UnreadableError: a tensor's bytes are missing from the file.
+    """
+    out: dict[int, dict[str, Any]] = {}
+    for o in opts:
+        for s in o.state:
+            for v in s.entries.values():
+                if isinstance(v, TensorRef) and id(v) not in out:
+                    out[id(v)] = tensor_stats(v)
+    return out

@@ -18,8 +18,8 @@ from torch import nn
 from torch.optim import lr_scheduler as S
 
 from ckpttool.cli import cli
+from conftest import FIXTURES
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 LR = 0.05
 RESUME_STEPS = 10
 

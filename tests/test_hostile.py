@@ -31,10 +31,10 @@ import pytest
 import ckpttool
 from ckpttool.errors import CkptError, UnreadableError
 from ckpttool.render import show_text
+from conftest import FIXTURES
 
-ROOT = Path(__file__).resolve().parent.parent
-FIX = ROOT / "fixtures"
-SGD = FIX / "optim_sgd_momentum.pt"
+ROOT = FIXTURES.parent
+SGD = FIXTURES / "optim_sgd_momentum.pt"
 FIXTURE_MARKER = Path("/tmp/ckpttool_pwned_marker")
 
 
@@ -339,14 +339,14 @@ def test_unsafe_fixtures_through_cli(fixture: str, qualname: str) -> None:
     for m in (FIXTURE_MARKER, Path(str(FIXTURE_MARKER) + "_exec")):
         m.unlink(missing_ok=True)
     for env in (None, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}):
-        r = cli("show", FIX / fixture, env=env)
+        r = cli("show", FIXTURES / fixture, env=env)
         assert r.returncode == 0, r.stderr
         unsafe = [ln for ln in r.stdout.splitlines() if ln.startswith("UNSAFE:")]
         assert len(unsafe) == 1 and qualname in unsafe[0]
         assert "Traceback" not in r.stderr
         assert not FIXTURE_MARKER.exists()
         assert not Path(str(FIXTURE_MARKER) + "_exec").exists()
-    assert ckpttool.open(FIX / fixture).unsafe_globals == [qualname]
+    assert ckpttool.open(FIXTURES / fixture).unsafe_globals == [qualname]
 
 
 def test_force_no_weights_only_env_changes_nothing(tmp_path: Path) -> None:
@@ -366,17 +366,17 @@ def test_force_no_weights_only_env_changes_nothing(tmp_path: Path) -> None:
 # 2. legitimate opaque globals
 
 def test_opaque_fixture_is_not_unsafe() -> None:
-    ckpt = ckpttool.open(FIX / "opaque.pt")
+    ckpt = ckpttool.open(FIXTURES / "opaque.pt")
     assert ckpt.unsafe is False
     assert ckpt.opaque_globals == ["argparse.Namespace", "numpy._core.multiarray.scalar",
                                    "numpy.dtype", "pathlib.PosixPath"]
 
 
 def test_hf_training_args_is_not_unsafe() -> None:
-    ckpt = ckpttool.open(FIX / "hf_trainer" / "checkpoint-4")
+    ckpt = ckpttool.open(FIXTURES / "hf_trainer" / "checkpoint-4")
     assert ckpt.unsafe is False
     assert "transformers.training_args.TrainingArguments" in ckpt.opaque_globals
-    f = ckpttool.checkpoint.read_file(str(FIX / "hf_trainer/checkpoint-4/training_args.bin"),
+    f = ckpttool.checkpoint.read_file(str(FIXTURES / "hf_trainer/checkpoint-4/training_args.bin"),
                                       "training_args.bin", allow_pickle=True)
     assert f.unsafe_globals == []
     assert "transformers.trainer_utils.IntervalStrategy" in f.opaque_globals
@@ -701,7 +701,7 @@ def test_npy_cli(tmp_path: Path) -> None:
 
 
 def test_safetensors_named_pt_is_read(tmp_path: Path) -> None:
-    src = FIX / "hf_trainer" / "checkpoint-4" / "model.safetensors"
+    src = FIXTURES / "hf_trainer" / "checkpoint-4" / "model.safetensors"
     p = tmp_path / "model.pt"
     shutil.copy(src, p)
     r = cli("show", p)
@@ -806,7 +806,7 @@ def _check_one(path: Path) -> None:
 
 def test_fuzz(tmp_path: Path) -> None:
     rng = random.Random(20240601)
-    seeds = {n: (FIX / n).read_bytes() for n in FUZZ_SEEDS}
+    seeds = {n: (FIXTURES / n).read_bytes() for n in FUZZ_SEEDS}
     pkls = {}
     for n, data in seeds.items():
         if data[:2] == b"PK":
@@ -835,7 +835,7 @@ def test_fuzz(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # legacy (non-zip) files: every one of the five pickles is unpickled by torch.load
 
-LEGACY = FIX / "imagenet_style_legacy.pth"
+LEGACY = FIXTURES / "imagenet_style_legacy.pth"
 
 
 def _legacy_parts() -> list[bytes]:
@@ -883,7 +883,7 @@ def test_legacy_truncated_names_file(tmp_path: Path) -> None:
 def test_folder_with_malicious_raw_pickle(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     d = tmp_path / "acc"
-    shutil.copytree(FIX / "accelerate_state", d)
+    shutil.copytree(FIXTURES / "accelerate_state", d)
     evil = b"\x80\x04" + call(G("posix", "system"), U(f"touch {marker}")) + b"."
     (d / "random_states_1.pkl").write_bytes(evil)
     ckpt = ckpttool.open(d)

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 import ckpttool
 from ckpttool.cli import cli
 from ckpttool.render import show_json
+from conftest import FIXTURES
 from torch_json import expected, strip_device
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
 READABLE = [f for f in MANIFEST if f["kind"] != "unsafe"]
 

@@ -29,9 +29,9 @@ from ckpttool.errors import CRCMismatchError
 from ckpttool.formats.torchzip_write import Payload, write_archive
 from ckpttool.formats.unpickler import unpickle
 from ckpttool.writer import TMP_SUFFIX, write_file
+from conftest import FIXTURES
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT / "fixtures"
 
 
 def _torch_files(kind: str) -> list[str]:

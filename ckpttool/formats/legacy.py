@@ -35,7 +35,7 @@ def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict
     if proto.root != PROTOCOL_VERSION:
         raise UnreadableError(f"{path}: legacy torch file with unknown protocol {proto.root!r}")
     info = unpickle(data, proto.end)
-    main = unpickle(data, info.end, legacy=True)
+    main = unpickle(data, info.end)
     keys = unpickle(data, main.end)
     if not isinstance(keys.root, list) or not all(isinstance(k, str) for k in keys.root):
         raise UnreadableError(f"{path}: legacy torch file without its storage key list")

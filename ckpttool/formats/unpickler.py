@@ -5,15 +5,20 @@ by :mod:`.safety`; calls become :class:`~.nodes.Reduce` records (or :class:`~.no
 for torch's tensor rebuild functions); persistent ids become :class:`~.nodes.Storage`. A few
 calls of harmless builtins (``OrderedDict()``, ``set([...])``, ``_codecs.encode(s, "latin1")``,
 ``bytes()``, ``complex(a, b)``) are evaluated by this module's own code so the tree holds the
-usual Python values. Every opcode of protocols 0-5 is understood except the extension registry
-and out-of-band buffers, which are refused. Bounds: the input size, the stack, and (checked by
-:func:`check_shape`) the nesting depth and the size of the tree once shared references expand.
+usual Python values; one that would fail (a string that is not Latin-1, an int too large for a
+float) stays a recorded call, as torch.load would fail on it. Every opcode of protocols 0-5 is
+understood except the extension registry and out-of-band buffers, which are refused. Bounds:
+the input size, the stack, and (checked by :func:`check_shape`) the nesting depth and the size
+of the tree once shared references expand. Malformed input raises :class:`PickleError`, never
+another exception.
 """
 
 from __future__ import annotations
 
+import codecs
 import collections
 import struct
+import warnings
 from typing import Any, Callable
 
 from ..errors import PickleError
@@ -48,14 +53,6 @@ class Unpickled:
         self.globals = globals_  # qualname -> Global (first one met)
         self.storages = storages  # key -> Storage, in the order met
 
-    @property
-    def dangerous(self) -> list[str]:
-        return sorted(q for q, g in self.globals.items() if g.safety == "dangerous")
-
-    @property
-    def opaque(self) -> list[str]:
-        return sorted(q for q, g in self.globals.items() if g.safety == "opaque")
-
 
 def _evaluate_builtin(func: Global, args: tuple[Any, ...],
                       check_hashable: Callable[[Any], None]) -> Any:
@@ -67,7 +64,10 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
         return collections.Counter(*args)
     if q == "_codecs.encode" and len(args) == 2 and isinstance(args[0], str) \
             and args[1] in ("latin1", "latin-1"):
-        return args[0].encode("latin-1")
+        try:
+            return args[0].encode("latin-1")
+        except UnicodeEncodeError:  # torch.load fails on it too: keep the call as recorded
+            return NotImplemented
     if q == "builtins.bytes" and args == ():
         return b""
     if q in ("builtins.set", "builtins.frozenset") and len(args) == 1 \
@@ -81,17 +81,20 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
         return set()
     if q == "builtins.complex" and len(args) == 2 \
             and all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
-        return complex(args[0], args[1])
+        try:
+            return complex(args[0], args[1])
+        except OverflowError:  # an int too large for a float: keep the call as recorded
+            return NotImplemented
     if q == "builtins.bytearray" and len(args) == 1 and isinstance(args[0], bytes):
         return bytearray(args[0])
     return NotImplemented
 
 
 class _Reader:
-    def __init__(self, data: bytes | memoryview, pos: int, legacy: bool) -> None:
-        self.data = memoryview(data)
+    def __init__(self, data: bytes | memoryview, pos: int) -> None:
+        self.raw = data if isinstance(data, bytes) else bytes(data)  # for bytes.find
+        self.data = memoryview(self.raw)
         self.pos = pos
-        self.legacy = legacy
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
@@ -119,14 +122,14 @@ class _Reader:
         return b
 
     def readline(self) -> bytes:
-        data = self.data
-        end = bytes(data[self.pos:self.pos + 65536]).find(b"\n")
+        raw = self.raw
+        end = raw.find(b"\n", self.pos, self.pos + 65536)
         if end < 0:
-            if len(data) - self.pos < 65536:
+            if len(raw) - self.pos < 65536:
                 raise self.truncated("line opcode without newline")
             raise self.fail("line opcode without newline")
-        line = bytes(data[self.pos:self.pos + end])
-        self.pos += end + 1
+        line = raw[self.pos:end]
+        self.pos = end + 1
         return line
 
     def push(self, obj: Any) -> None:
@@ -392,9 +395,11 @@ def _string(r: _Reader) -> None:
     line = r.readline()
     if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
         raise r.fail("bad STRING")
-    import codecs
     try:
-        r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
+        with warnings.catch_warnings():
+            # an unknown escape such as \q is kept as is (as pickle does), but Python warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
     except ValueError:
         raise r.fail("bad STRING escape") from None
 
@@ -778,9 +783,22 @@ def _children(obj: Any) -> list[Any] | None:
     return None
 
 
-def unpickle(data: bytes | memoryview, pos: int = 0, legacy: bool = False) -> Unpickled:
-    """Interpret the pickle starting at ``data[pos]``; never imports or calls what it names."""
-    r = _Reader(data, pos, legacy)
+def unpickle(data: bytes | memoryview, pos: int = 0) -> Unpickled:
+    """Interpret the pickle starting at ``data[pos]``; never imports or calls what it names.
+
+    Args:
+        data: the bytes holding the pickle (more may follow its STOP opcode).
+        pos: the offset of the pickle's first opcode.
+
+    Returns:
+        The root object with the globals, storages and tensors it references, and the offset
+        just past STOP.
+
+    Raises:
+        PickleTruncated: the bytes end before STOP (a longer prefix may parse).
+        PickleError: the pickle is malformed or exceeds a bound.
+    """
+    r = _Reader(data, pos)
     try:
         root = r.load()
     except RecursionError:

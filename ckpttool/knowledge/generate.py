@@ -1,11 +1,13 @@
 """Generate ``torch_optim.json`` by introspecting the installed torch.
 
-This is the only module of :mod:`ckpttool` that imports torch.  It builds every
-optimizer exported by :mod:`torch.optim` and every LR scheduler exported by
-:mod:`torch.optim.lr_scheduler` for real, steps them, and records what their
-``state_dict()`` looks like.  No keys are hand-written here: the only
-hand-kept table is :data:`SCHEDULER_ARGS`, which holds *constructor arguments*
-for schedulers that cannot be built from an optimizer alone.
+Besides :mod:`ckpttool.stats` (tensor statistics for ``show --stats``), this
+is the only module of :mod:`ckpttool` that imports torch; reading a checkpoint
+never does.  It builds every optimizer exported by :mod:`torch.optim` and
+every LR scheduler exported by :mod:`torch.optim.lr_scheduler` for real, steps
+them, and records what their ``state_dict()`` looks like.  No keys are
+hand-written here: the only hand-kept table is :data:`SCHEDULER_ARGS`, which
+holds *constructor arguments* for schedulers that cannot be built from an
+optimizer alone.
 
 Usage::
 
