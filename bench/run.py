@@ -208,6 +208,12 @@ if kind == "move":
     assert "cuda:1" in locs, locs
 if kind == "merge":
     assert len(groups) == 1, len(groups)
+if kind == "amsgrad":
+    assert all(g["amsgrad"] is True for g in groups)
+    for st in ck["optimizer"]["state"].values():
+        m = st["max_exp_avg_sq"]
+        assert m.shape == st["exp_avg"].shape and m.dtype == st["exp_avg"].dtype
+        assert not m.any()
 print("ok")
 """
 
@@ -234,6 +240,16 @@ for pid, st in sd["optimizer"]["state"].items():
 for g in sd["optimizer"]["param_groups"]:
     _ = (g["lr"], len(g["params"]))
 print(n, len(shapes))
+"""
+
+AMSGRAD_SAVE = r"""
+import sys, torch
+ck = torch.load(sys.argv[1], weights_only=True)
+for g in ck["optimizer"]["param_groups"]:
+    g["amsgrad"] = True
+for st in ck["optimizer"]["state"].values():
+    st["max_exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+torch.save(ck, sys.argv[2])
 """
 
 EDIT_SAVE = r"""
@@ -374,8 +390,12 @@ def main() -> int:
       check=verifier(out_big, "move"))
     m("merge-groups", ck + ["merge-groups", str(big), "-o", str(out_big)], before=rm_out,
       check=verifier(out_big, "merge"))
+    m("amsgrad", ck + ["set", str(big), "amsgrad=True", "-o", str(out_big)], before=rm_out,
+      check=verifier(out_big, "amsgrad"))
     m("torch edit", [PY, "-c", EDIT_SAVE, str(big), str(out_big)], before=rm_out,
       check=verifier(out_big, "lr"))
+    m("torch amsgrad", [PY, "-c", AMSGRAD_SAVE, str(big), str(out_big)], before=rm_out,
+      check=verifier(out_big, "amsgrad"))
     rm_out()
 
     # ------------------------------------------------------------------ table
@@ -430,6 +450,10 @@ def main() -> int:
             op, w, mib, ratio, tgt, pf = rows[-1]
             rows[-1] = (op, w, mib, f"{ratio}; {R[key].wall / R['cp sync'].wall:.2f}x cp+sync", tgt, pf)
     row(f"torch.load + edit lr + torch.save {bl}", "torch edit", "cp", "cp")
+    row(f"`ckpttool set BIG amsgrad=True -o OUT` {bl} (adds a zero tensor per param)", "amsgrad",
+        "torch amsgrad", "torch", "<= 150 MB", lambda r: [r.rss_bytes <= 150 * MB])
+    row(f"torch.load + amsgrad=True + zeros_like + torch.save {bl}", "torch amsgrad", "cp",
+        "cp")
 
     hdr = ("operation", "wall s", "peak RSS MiB", "ratio vs reference", "target", "pass/fail")
     table = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]

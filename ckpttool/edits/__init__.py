@@ -52,4 +52,11 @@ def parse_value(text: str) -> Any:
     return v
 
 
-__all__ = ["ABSENT", "Change", "Plan", "TreeEditor", "as_number", "close", "parse_value"]
+# the edits themselves (imported last: they use the helpers above)
+from .merge_groups import merge_groups  # noqa: E402
+from .move import move  # noqa: E402
+from .set_hparams import set_hparams  # noqa: E402
+from .set_lr import set_lr  # noqa: E402
+
+__all__ = ["ABSENT", "Change", "Plan", "TreeEditor", "as_number", "close", "merge_groups",
+           "move", "parse_value", "set_hparams", "set_lr"]

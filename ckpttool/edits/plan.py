@@ -7,9 +7,12 @@ one-line summary, notes, and ``result``: a new :class:`~ckpttool.checkpoint.Chec
 tree is the edited one and whose views (optimizers, groups, schedulers, names) are derived
 from that tree afresh. Edits chain::
 
+    from ckpttool.edits import merge_groups, move, set_lr
+    from ckpttool.save import save
+
     plan = merge_groups(ckpt).then(set_lr, 1e-4).then(move, "cpu")
-    print(plan.render())          # the --dry-run table
-    ckpttool.save(plan, "out.pt")  # written once
+    print(plan.render())   # the --dry-run table
+    save(plan, "out.pt")   # written once, crash-safely
 
 New tensors are descriptions (:mod:`ckpttool.newtensors`) until the writer streams them.
 """

@@ -41,14 +41,20 @@ def _base_lr(opt: OptimizerState, sched: SchedulerState | None, g: int) -> float
 
 
 def _scale_scheduler(ed: TreeEditor, s: SchedulerState, factors: dict[int, float],
-                     n_groups: int, hint: str) -> None:
+                     n_groups: int, hint: str, exact: dict[int, tuple[float, float]]) -> None:
+    """Scale the LR-like entries of ``s`` by each group's factor. ``exact`` maps a group to
+    (old lr, new lr): a ``_last_lr`` equal to the old lr becomes the new lr exactly."""
     for key in lr_list_keys(s):
         v = s.raw.get(key)
         if isinstance(v, list) and len(v) == n_groups:
             for g, k in factors.items():
                 x = as_number(v[g])
-                if x is not None and k != 1.0:
-                    ed.set_number(join(join(s.pointer, key), g), x * k)
+                if x is None or k == 1.0:
+                    continue
+                new = x * k
+                if key == "_last_lr" and g in exact and x == exact[g][0]:
+                    new = exact[g][1]
+                ed.set_number(join(join(s.pointer, key), g), new)
     for key in LR_SCALAR_KEYS:
         x = as_number(s.raw.get(key))
         if x is None or x == 0:
@@ -67,7 +73,7 @@ def _scale_scheduler(ed: TreeEditor, s: SchedulerState, factors: dict[int, float
             raise EditError(f"nested scheduler {sub.pointer} is of a type ckpttool does not "
                             "know", path=ed.ckpt.path, pointer=sub.pointer,
                             hint="pass --no-scheduler to change only the optimizer")
-        _scale_scheduler(ed, sub, factors, n_groups, hint)
+        _scale_scheduler(ed, sub, factors, n_groups, hint, exact)
 
 
 def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = None,
@@ -153,6 +159,7 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
         targets = {g: lr for g in selected}
         how = f"{what} {lr:g}"
     ed = TreeEditor(ckpt, "set-lr")
+    exact: dict[int, tuple[float, float]] = {}
     for g, k in factors.items():
         ptr = join(join(opt.pointer, "param_groups"), g)
         hp = opt.groups[g].hyperparameters
@@ -160,8 +167,10 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
             x = as_number(hp.get(key))
             if x is None:
                 continue
-            exact = targets.get(g) if key == "lr" and not base_lr else None
-            new = exact if exact is not None else x * k
+            target = targets.get(g) if key == "lr" and not base_lr else None
+            new = target if target is not None else x * k
+            if key == "lr":
+                exact[g] = (x, new)
             if new != x:
                 ed.set_number(join(ptr, key), new)
     if sched is not None:
@@ -172,7 +181,7 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
                    "--no-scheduler"
         else:
             hint = "pass --no-scheduler"
-        _scale_scheduler(ed, sched, factors, n, hint)
+        _scale_scheduler(ed, sched, factors, n, hint, exact)
     kinds = ", ".join(f"group {g} x{k:.6g}" for g, k in factors.items())
     sname = f"; scheduler {sched.pointer or '(root)'} ({sched.type}) scaled to match" \
         if sched else ("; schedulers left unchanged (--no-scheduler)" if no_scheduler
