@@ -245,7 +245,7 @@ def _sniff_error(path: str, head: bytes, size: int) -> UnreadableError:
         what = "a text file, not a checkpoint"
     else:
         what = f"not a checkpoint (it starts with bytes {head[:8].hex(' ')})"
-    return UnreadableError(f"{path}: {what}")
+    return UnreadableError(f"{what}", path=path)
 
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
@@ -265,21 +265,21 @@ def read_file(path: str, name: str = "", allow_pickle: bool = False) -> Checkpoi
     except (struct.error, EOFError, UnicodeError) as e:
         # what the format parsers raise when bytes run short or a name does not decode; any
         # other exception is a bug in ckpttool and must not be blamed on the file
-        raise UnreadableError(f"{path}: corrupt or not a checkpoint "
-                              f"({type(e).__name__}: {e})") from None
+        raise UnreadableError(f"corrupt or not a checkpoint "
+                              f"({type(e).__name__}: {e})", path=path) from None
     except OSError as e:  # e.g. a read at an offset the file's metadata made up, or EIO
-        raise UnreadableError(f"{path}: cannot read the file ({e.strerror or e})") from None
+        raise UnreadableError(f"cannot read the file ({e.strerror or e})", path=path) from None
 
 
 def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise UnreadableError(f"{path}: no such file or folder") from None
+        raise UnreadableError(f"no such file or folder", path=path) from None
     except PermissionError:
-        raise UnreadableError(f"{path}: permission denied (cannot read the file)") from None
+        raise UnreadableError(f"permission denied (cannot read the file)", path=path) from None
     except IsADirectoryError:
-        raise UnreadableError(f"{path}: a folder where a file was expected") from None
+        raise UnreadableError(f"a folder where a file was expected", path=path) from None
     try:
         size = os.fstat(fd).st_size
         head = os.pread(fd, 300, 0)
@@ -298,7 +298,7 @@ def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
             try:
                 u = unpickle(data)
             except UnreadableError as e:
-                raise UnreadableError(f"{path}: {e}") from None
+                raise UnreadableError(e.message, path=path) from None
             return CheckpointFile(name, path, "pickle", size, u.root, globals=u.globals,
                                   storages=u.storages)
         raise _sniff_error(path, head, size)
@@ -308,11 +308,11 @@ def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
 
 def _read_json(path: str, name: str, fd: int, size: int) -> CheckpointFile:
     if size > 64 << 20:
-        raise UnreadableError(f"{path}: JSON file too large ({size} bytes)")
+        raise UnreadableError(f"JSON file too large ({size} bytes)", path=path)
     try:
         root = json.loads(os.pread(fd, size, 0))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UnreadableError(f"{path}: not valid JSON ({e})") from None
+        raise UnreadableError(f"not valid JSON ({e})", path=path) from None
     return CheckpointFile(name, path, "json", size, root)
 
 
@@ -320,17 +320,17 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
     try:
         archive = read_archive(path, fd, size)
     except (EOFError, struct.error):
-        raise UnreadableError(f"{path}: a zip archive that is truncated or corrupt") from None
+        raise UnreadableError(f"a zip archive that is truncated or corrupt", path=path) from None
     data = read_record(path, fd, archive.records["data.pkl"])
     u = _unpickle_checked(path, data)
     for key, st in u.storages.items():
         rec = archive.records.get(f"data/{key}")
         if rec is None:
-            raise UnreadableError(f"{path}: storage data/{key} is missing from the archive "
-                                  "(truncated or corrupt)")
+            raise UnreadableError(f"storage data/{key} is missing from the archive "
+                                  "(truncated or corrupt)", path=path)
         if rec.size < st.nbytes:
-            raise UnreadableError(f"{path}: storage data/{key} holds {rec.size} bytes but the "
-                                  f"pickle declares {st.nbytes} (corrupt)")
+            raise UnreadableError(f"storage data/{key} holds {rec.size} bytes but the "
+                                  f"pickle declares {st.nbytes} (corrupt)", path=path)
         st.record = rec
     f = CheckpointFile(name, path, "torch-zip", size, u.root, archive, u.globals, u.storages,
                        _tensors(u))
@@ -348,13 +348,13 @@ def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
             break
         except PickleTruncated as e:  # only a cut-off pickle can parse with a longer prefix
             if limit >= size:
-                raise UnreadableError(f"{path}: legacy torch file, truncated or corrupt: "
-                                      f"{e}") from None
+                raise UnreadableError(f"legacy torch file, truncated or corrupt: "
+                                      f"{e}", path=path) from None
             limit *= 8
         except UnreadableError as e:
-            if str(e).startswith(f"{path}: "):
+            if e.path is not None:  # the legacy reader named the file itself
                 raise
-            raise UnreadableError(f"{path}: legacy torch file: {e}") from None
+            raise UnreadableError(f"legacy torch file: {e.message}", path=path) from None
     f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, meta.pop("globals"),
                        main.storages, _tensors(main), extra=meta)
     _read_tiny_values(fd, f)
@@ -365,7 +365,7 @@ def _unpickle_checked(path: str, data: bytes) -> Unpickled:
     try:
         return unpickle(data)
     except UnreadableError as e:
-        raise UnreadableError(f"{path}: data.pkl: {e}") from None
+        raise UnreadableError(f"data.pkl: {e.message}", path=path) from None
 
 
 def _tensors(u: Unpickled) -> list[TensorRef]:
@@ -466,16 +466,16 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise UnreadableError(f"{p}: no such file or folder") from None
+        raise UnreadableError(f"no such file or folder", path=p) from None
     except PermissionError:
-        raise UnreadableError(f"{p}: permission denied") from None
+        raise UnreadableError(f"permission denied", path=p) from None
     if not stat.S_ISDIR(st.st_mode):
         return Checkpoint(p, "file", [read_file(p)])
     names = sorted(os.listdir(p))
     kind = _folder_kind(set(names))
     if kind == "dcp":
-        raise UnreadableError(f"{p}: a torch.distributed.checkpoint folder; reading DCP "
-                              "folders is not supported yet")
+        raise UnreadableError(f"a torch.distributed.checkpoint folder; reading DCP "
+                              "folders is not supported yet", path=p)
     files = []
     other: list[str] = []
     for n in names:
@@ -485,6 +485,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         else:
             other.append(n + "/" if os.path.isdir(fp) and not os.path.islink(fp) else n)
     if not any(f.format in ("torch-zip", "torch-legacy", "safetensors") for f in files):
-        raise UnreadableError(f"{p}: a folder with no checkpoint files in it (looked for "
-                              "optimizer.pt / optimizer.bin / *.pt / *.pth / *.safetensors)")
+        raise UnreadableError(f"a folder with no checkpoint files in it (looked for "
+                              "optimizer.pt / optimizer.bin / *.pt / *.pth / *.safetensors)",
+                              path=p)
     return Checkpoint(p, kind, files, other_files=other)

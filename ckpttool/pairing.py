@@ -26,7 +26,8 @@ from . import knowledge
 from .locate import OptimizerState, SchedulerState
 from .tree import split
 
-_OPT_WORDS = re.compile(r"^(optimi[sz]er|optim|opt)(_?states?)?(?=$|[_\-.])|(optimi[sz]er|optim|opt)$")
+_OPT_WORDS = re.compile(r"^(optimi[sz]er|optim|opt)(_?states?)?(?=$|[_\-.])"
+                        r"|(optimi[sz]er|optim|opt)$")
 _SCHED_WORDS = re.compile(r"^(param_|lr_)?(scheduler|sched)s?(?=$|[_\-.])|(scheduler|sched)s?$")
 _EXTENSIONS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".safetensors")
 

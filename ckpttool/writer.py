@@ -155,8 +155,9 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
             if crc == 0 and rec.size:
                 crc = None  # saved with CRC computation off: compute it
             if getattr(rec, "method", 0) != 0:
-                raise CkptError(f"{source.path}: storage record data/{st.key} is compressed; "
-                                "torch never writes that and ckpttool does not rewrite it")
+                raise CkptError(f"storage record data/{st.key} is compressed; "
+                                "torch never writes that and ckpttool does not rewrite it",
+                                path=source.path)
             p = Payload.from_file(fd, rec.data_offset, rec.size, crc,
                                   name=f"{source.path}: data/{st.key}")
         data.append((f"data/{key}", p))
@@ -164,8 +165,8 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
     if source.format == "torch-legacy":
         info = source.extra.get("sys_info")
         if isinstance(info, dict) and info.get("little_endian") is False:
-            raise CkptError(f"{source.path}: a big-endian legacy checkpoint; converting it is "
-                            "not supported")
+            raise CkptError(f"a big-endian legacy checkpoint; converting it is "
+                            "not supported", path=source.path)
         serial = "".join(str(b % 10) for b in os.urandom(40))
         return ([("data.pkl", Payload.from_bytes(data_pkl)),
                  (".format_version", Payload.from_bytes(b"1")),
@@ -203,11 +204,11 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
             try:
                 alignment = int(read_record(source.path, fd, rec, limit=64))
             except ValueError:
-                raise UnreadableError(f"{source.path}: .storage_alignment is not a number") \
+                raise UnreadableError(f".storage_alignment is not a number", path=source.path) \
                     from None
             if alignment <= 0 or alignment > 1 << 16 or alignment & (alignment - 1):
-                raise UnreadableError(f"{source.path}: unusable .storage_alignment "
-                                      f"{alignment}")
+                raise UnreadableError(f"unusable .storage_alignment "
+                                      f"{alignment}", path=source.path)
     if not inserted:
         out.extend(data)
     return out, alignment
@@ -234,8 +235,8 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             f"{', '.join(source.unsafe_globals)}, which would run code when loaded. Nothing "
             "was written.")
     if source.format not in ("torch-zip", "torch-legacy"):
-        raise CkptError(f"{source.path}: writing {source.format} files is not supported "
-                        "(only torch.save files)")
+        raise CkptError(f"writing {source.format} files is not supported "
+                        "(only torch.save files)", path=source.path)
     if root is None:
         root = source.root
     target, is_source, target_st = _check_target(source.path, out_path, force)
@@ -244,8 +245,8 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
     tmp: str | None = None
     try:
         if os.fstat(fd).st_size != source.size:
-            raise CkptError(f"{source.path}: the file changed since it was read; open it "
-                            "again and redo the edit")
+            raise CkptError(f"the file changed since it was read; open it "
+                            "again and redo the edit", path=source.path)
         # -- the pickle ----------------------------------------------------------------------
         if source.format == "torch-zip":
             assert source.archive is not None

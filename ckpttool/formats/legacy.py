@@ -30,30 +30,30 @@ def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict
     """Parse a legacy file whose leading bytes are ``data`` (the pickles; storages follow)."""
     magic = unpickle(data, 0)
     if magic.root != MAGIC_NUMBER:
-        raise UnreadableError(f"{path}: a plain pickle, not a torch.save checkpoint")
+        raise UnreadableError(f"a plain pickle, not a torch.save checkpoint", path=path)
     proto = unpickle(data, magic.end)
     if proto.root != PROTOCOL_VERSION:
-        raise UnreadableError(f"{path}: legacy torch file with unknown protocol {proto.root!r}")
+        raise UnreadableError(f"legacy torch file with unknown protocol {proto.root!r}", path=path)
     info = unpickle(data, proto.end)
     main = unpickle(data, info.end)
     keys = unpickle(data, main.end)
     if not isinstance(keys.root, list) or not all(isinstance(k, str) for k in keys.root):
-        raise UnreadableError(f"{path}: legacy torch file without its storage key list")
+        raise UnreadableError(f"legacy torch file without its storage key list", path=path)
     off = keys.end
     records: dict[str, LegacyRecord] = {}
     for key in keys.root:
         st: Storage | None = main.storages.get(key)
         if st is None:
-            raise UnreadableError(f"{path}: storage {key} is listed but never used")
+            raise UnreadableError(f"storage {key} is listed but never used", path=path)
         nbytes = st.nbytes
         if off + 8 + nbytes > file_size:
-            raise UnreadableError(f"{path}: storage {key} runs past the end of the file "
-                                  "(truncated)")
+            raise UnreadableError(f"storage {key} runs past the end of the file "
+                                  "(truncated)", path=path)
         records[key] = LegacyRecord(key, off + 8, nbytes, path)
         off += 8 + nbytes
     for key, st in main.storages.items():
         if key not in records:
-            raise UnreadableError(f"{path}: storage {key} has no bytes in the file")
+            raise UnreadableError(f"storage {key} has no bytes in the file", path=path)
         st.record = records[key]
     # torch.load unpickles all five pickles: globals named outside the main object count too
     globals_ = dict(main.globals)

@@ -41,16 +41,16 @@ def read_safetensors(path: str, fd: int, file_size: int) -> tuple[dict[str, Any]
     """Return (tensors by name in header order, the ``__metadata__`` dict)."""
     head = os.pread(fd, 8, 0)
     if len(head) < 8:
-        raise UnreadableError(f"{path}: too short for a safetensors file")
+        raise UnreadableError(f"too short for a safetensors file", path=path)
     (n,) = struct.unpack("<Q", head)
     if n > min(MAX_HEADER, file_size - 8):
-        raise UnreadableError(f"{path}: not a safetensors file (header size {n} out of range)")
+        raise UnreadableError(f"not a safetensors file (header size {n} out of range)", path=path)
     try:
         header = json.loads(os.pread(fd, n, 8))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UnreadableError(f"{path}: safetensors header is not valid JSON") from None
+        raise UnreadableError(f"safetensors header is not valid JSON", path=path) from None
     if not isinstance(header, dict):
-        raise UnreadableError(f"{path}: safetensors header is not a JSON object")
+        raise UnreadableError(f"safetensors header is not a JSON object", path=path)
     meta = header.pop("__metadata__", {}) or {}
     tensors: dict[str, Any] = {}
     for name, info in header.items():
@@ -61,5 +61,5 @@ def read_safetensors(path: str, fd: int, file_size: int) -> tuple[dict[str, Any]
                                        8 + n + int(begin), int(end) - int(begin),
                                        path=path)
         except (KeyError, TypeError, ValueError):
-            raise UnreadableError(f"{path}: safetensors entry {name!r} is malformed") from None
+            raise UnreadableError(f"safetensors entry {name!r} is malformed", path=path) from None
     return tensors, meta

@@ -61,8 +61,8 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
     tail = _pread(fd, tail_len, file_size - tail_len)
     pos = tail.rfind(b"PK\x05\x06")
     if pos < 0:
-        raise UnreadableError(f"{path}: a zip archive without its end record "
-                              "(truncated or still being written?)")
+        raise UnreadableError(f"a zip archive without its end record "
+                              "(truncated or still being written?)", path=path)
     eocd_pos = file_size - tail_len + pos
     (_, _, _, _, n_entries, cd_size, cd_offset, _) = _EOCD.unpack_from(tail, pos)
     if pos >= _EOCD64_LOC.size and tail[pos - _EOCD64_LOC.size:pos - _EOCD64_LOC.size + 4] \
@@ -79,15 +79,15 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
         cd_end = eocd_pos
     delta = cd_end - cd_size - cd_offset  # garbage prepended to the archive
     if delta < 0 or cd_size > file_size:
-        raise UnreadableError(f"{path}: the zip central directory lies outside the file "
-                              "(truncated or corrupt)")
+        raise UnreadableError(f"the zip central directory lies outside the file "
+                              "(truncated or corrupt)", path=path)
     cd = _pread(fd, cd_size, cd_offset + delta)
     records: dict[str, Record] = {}
     p = 0
     prefix = ""
     for _ in range(n_entries):
         if cd[p:p + 4] != b"PK\x01\x02":
-            raise UnreadableError(f"{path}: corrupt zip central directory")
+            raise UnreadableError(f"corrupt zip central directory", path=path)
         (_, _, _, flags, method, _, _, crc, csize, usize, nlen, xlen, clen, _, _, _,
          hoff) = _CDIR.unpack_from(cd, p)
         name = cd[p + _CDIR.size:p + _CDIR.size + nlen].decode("utf-8", "replace")
@@ -97,35 +97,35 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
             usize, csize, hoff = _zip64_extra(extra, usize, csize, hoff)
         if "/" not in name or name.startswith("/") or "\\" in name or \
                 any(part == ".." for part in name.split("/")):
-            raise UnreadableError(f"{path}: zip member {name!r} is not a torch record name")
+            raise UnreadableError(f"zip member {name!r} is not a torch record name", path=path)
         if not prefix:
             prefix = name.split("/", 1)[0]
         if not name.startswith(prefix + "/"):
-            raise UnreadableError(f"{path}: zip members lie in two archive folders "
-                                  f"({prefix!r} and {name!r}); not a torch.save file")
+            raise UnreadableError(f"zip members lie in two archive folders "
+                                  f"({prefix!r} and {name!r}); not a torch.save file", path=path)
         short = name[len(prefix) + 1:]
         if short in records:
-            raise UnreadableError(f"{path}: zip member {name!r} appears twice")
+            raise UnreadableError(f"zip member {name!r} appears twice", path=path)
         if flags & 0x1:
-            raise UnreadableError(f"{path}: zip member {name!r} is encrypted")
+            raise UnreadableError(f"zip member {name!r} is encrypted", path=path)
         hoff += delta
         local = _pread(fd, _LOCAL.size, hoff) if hoff + _LOCAL.size <= file_size else b""
         if local[:4] != b"PK\x03\x04":
-            raise UnreadableError(f"{path}: zip member {name!r} has no local header "
-                                  "(truncated or corrupt)")
+            raise UnreadableError(f"zip member {name!r} has no local header "
+                                  "(truncated or corrupt)", path=path)
         (_, _, _, _, _, _, _, _, _, lnlen, lxlen) = _LOCAL.unpack(local)
         lname = _pread(fd, lnlen, hoff + _LOCAL.size).decode("utf-8", "replace")
         if lname != name:
-            raise UnreadableError(f"{path}: zip member {name!r} is named {lname!r} in its "
-                                  "local header; refusing an ambiguous archive")
+            raise UnreadableError(f"zip member {name!r} is named {lname!r} in its "
+                                  "local header; refusing an ambiguous archive", path=path)
         data_offset = hoff + _LOCAL.size + lnlen + lxlen
         if data_offset + csize > file_size:
-            raise UnreadableError(f"{path}: zip member {name!r} runs past the end of the "
-                                  "file (truncated)")
+            raise UnreadableError(f"zip member {name!r} runs past the end of the "
+                                  "file (truncated)", path=path)
         records[short] = Record(short, name, hoff, data_offset, csize, usize, crc, method, path)
     if "data.pkl" not in records:
-        raise UnreadableError(f"{path}: a zip archive without data.pkl: not a torch.save "
-                              f"checkpoint (members: {', '.join(list(records)[:5])})")
+        raise UnreadableError(f"a zip archive without data.pkl: not a torch.save "
+                              f"checkpoint (members: {', '.join(list(records)[:5])})", path=path)
     return Archive(path, prefix, records, file_size, delta)
 
 
@@ -149,32 +149,33 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, 
 def read_record(path: str, fd: int, rec: Record, limit: int = MAX_PICKLE_BYTES) -> bytes:
     """The uncompressed bytes of a record (used for data.pkl and small records)."""
     if rec.usize > limit:
-        raise UnreadableError(f"{path}: record {rec.name} would be {rec.usize} bytes, over the "
-                              f"{limit}-byte limit")
+        raise UnreadableError(f"record {rec.name} would be {rec.usize} bytes, over the "
+                              f"{limit}-byte limit", path=path)
     if rec.method == 0:
         out = os.pread(fd, rec.size, rec.data_offset)
     elif rec.method == 8:
         if rec.usize > (16 << 20) and rec.usize > MAX_DEFLATE_RATIO * max(rec.size, 1):
-            raise UnreadableError(f"{path}: record {rec.name} would inflate {rec.size} bytes "
-                                  f"to {rec.usize} (zip bomb?)")
+            raise UnreadableError(f"record {rec.name} would inflate {rec.size} bytes "
+                                  f"to {rec.usize} (zip bomb?)", path=path)
         raw = os.pread(fd, rec.size, rec.data_offset)
         d = zlib.decompressobj(-15)
         try:
             out = d.decompress(raw, rec.usize + 1)  # never more than declared (plus one)
         except zlib.error:
-            raise UnreadableError(f"{path}: record {rec.name} is not valid deflate data "
-                                  "(corrupt)") from None
+            raise UnreadableError(f"record {rec.name} is not valid deflate data "
+                                  "(corrupt)", path=path) from None
         if len(out) > rec.usize:
-            raise UnreadableError(f"{path}: record {rec.name} inflates past its declared "
-                                  f"{rec.usize} bytes (corrupt, or a zip bomb)")
+            raise UnreadableError(f"record {rec.name} inflates past its declared "
+                                  f"{rec.usize} bytes (corrupt, or a zip bomb)", path=path)
     else:
-        raise UnreadableError(f"{path}: record {rec.name} uses zip compression method "
-                              f"{rec.method}, which torch does not write")
+        raise UnreadableError(f"record {rec.name} uses zip compression method "
+                              f"{rec.method}, which torch does not write", path=path)
     if len(out) != rec.usize:
-        raise UnreadableError(f"{path}: record {rec.name} holds {len(out)} bytes, not the "
-                              f"{rec.usize} its zip entry declares (truncated or corrupt)")
+        raise UnreadableError(f"record {rec.name} holds {len(out)} bytes, not the "
+                              f"{rec.usize} its zip entry declares (truncated or corrupt)",
+                              path=path)
     # torch may write CRC 0 (serialization config compute_crc32=False): only check real ones
     if rec.crc and zlib.crc32(out) != rec.crc:
-        raise UnreadableError(f"{path}: record {rec.name} fails its CRC check (corrupt: a "
-                              "flipped bit or a bad copy)")
+        raise UnreadableError(f"record {rec.name} fails its CRC check (corrupt: a "
+                              "flipped bit or a bad copy)", path=path)
     return out
