@@ -35,7 +35,7 @@ Progress = Callable[[int, int], None]
 class SaveResult:
     """What :func:`save` did."""
 
-    output: str  # the file or folder written (the checkpoint's own path when in place)
+    output: str  # the file or folder written, as given (the checkpoint's path when in place)
     changed: bool  # False: nothing to change (in place: nothing written; -o: a copy)
     written: list[WriteResult] = field(default_factory=list)  # files rewritten
     copied: list[str] = field(default_factory=list)  # files copied unchanged (relative paths)
@@ -75,11 +75,11 @@ def save(edited: Plan | Checkpoint, output: str | None = None, *, force: bool = 
         if not touched:
             if output is None:
                 return SaveResult(ckpt.path, False)
-            return SaveResult(copy_file(f.path, output, force=force), False,
-                              copied=[os.path.basename(f.path)])
+            copy_file(f.path, output, force=force)
+            return SaveResult(output, False, copied=[os.path.basename(f.path)])
         w = write_file(f, ckpt.roots[f.name], output, force=force, backup=backup,
                        progress=progress)
-        return SaveResult(w.path, True, [w])
+        return SaveResult(output if output is not None else ckpt.path, True, [w])
     if output is None:
         result = SaveResult(ckpt.path, bool(touched))
         for name in _order(ckpt):
@@ -107,7 +107,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
         raise CkptError(f"the folder {parent} does not exist", path=output)
     touched = set(ckpt.touched)
     files = {f.name: f for f in ckpt.files}
-    result = SaveResult(dest, bool(touched))
+    result = SaveResult(output, bool(touched))
     tmp = old = None
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX,

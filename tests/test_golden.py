@@ -1,0 +1,70 @@
+"""Whole CLI outputs compared with golden files in tests/golden/ (one file per command).
+
+The golden files were reviewed by hand when they were written. After an intended change of
+output, regenerate them with ``CKPTTOOL_UPDATE_GOLDEN=1 python -m pytest tests/test_golden.py``
+and read the diff before committing it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ckpttool.cli import cli
+from conftest import FIXTURES
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+UPDATE = os.environ.get("CKPTTOOL_UPDATE_GOLDEN") == "1"
+
+# name -> (argv with {F} for the fixtures folder and {T} for a scratch copy, exit code)
+CASES: dict[str, tuple[list[str], int]] = {
+    "show_imagenet_style": (["show", "{F}/imagenet_style.pth"], 0),
+    "show_cuda0": (["show", "{F}/cuda0.pt"], 0),
+    "show_lightning": (["show", "{F}/lightning/epoch=0-step=3.ckpt"], 0),
+    "show_hf_trainer": (["show", "{F}/hf_trainer/checkpoint-4"], 0),
+    "show_accelerate": (["show", "{F}/accelerate_state"], 0),
+    "show_opaque": (["show", "{F}/opaque.pt"], 0),
+    "dry_run_set_lr": (["set-lr", "{F}/imagenet_style.pth", "1e-4", "--dry-run"], 0),
+    "dry_run_set_amsgrad": (["set", "{F}/optim_adam.pt", "amsgrad=true", "--dry-run"], 0),
+    "dry_run_move_cuda0": (["move", "{F}/cuda0.pt", "cpu", "--dry-run"], 0),
+    "set_lr_groups_differ": (["set-lr", "{F}/optim_adam.pt", "1e-4"], 1),
+    "set_lr_keep_ratios": (["set-lr", "{T}/optim_adam.pt", "1e-4", "--keep-ratios"], 0),
+    "merge_groups_no_names": (["merge-groups", "{F}/hf_trainer/checkpoint-4", "--dry-run"], 1),
+}
+
+
+def render(name: str, tmp_path: Path) -> str:
+    argv, code = CASES[name]
+    scratch = tmp_path / "t"
+    scratch.mkdir()
+    for a in argv:
+        if "{T}" in a:
+            rel = a.replace("{T}/", "")
+            shutil.copy(FIXTURES / rel, scratch / rel)
+    args = [a.replace("{F}", "fixtures").replace("{T}", "t") for a in argv]
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        (tmp_path / "fixtures").symlink_to(FIXTURES)
+        result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    text = f"$ ckpttool {' '.join(args)}\n{result.stdout}"
+    if result.stderr:
+        text += f"[stderr]\n{result.stderr}"
+    return text + f"[exit {result.exit_code}]\n"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden(name: str, tmp_path: Path) -> None:
+    got = render(name, tmp_path)
+    path = GOLDEN / f"{name}.txt"
+    if UPDATE:
+        GOLDEN.mkdir(exist_ok=True)
+        path.write_text(got)
+    assert got == path.read_text()
