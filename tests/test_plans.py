@@ -282,3 +282,49 @@ def test_folder_output_keeps_every_file(tmp_path: Path) -> None:
     assert sorted(k for k in now if now[k] != before[k]) == differ
     for name in ("README.md", "vocab.txt", "latest", "global_step4/notes.txt"):
         assert filecmp.cmp(src / name, out / name, shallow=False)
+
+
+# ---------------------------------------------------------------------- exit codes
+
+def test_write_failure_has_its_own_exit_code(tmp_path: Path) -> None:
+    """Disk full (RLIMIT_FSIZE) while writing OUT: exit 5, the message says the original is
+    unchanged, and no temp file is left."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+    src = tmp_path / "in.pt"
+    shutil.copy(FIXTURES / "cuda0.pt", src)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    out = tmp_path / "out.pt"
+    r = subprocess.run([sys.executable, "-m", "ckpttool", "move", str(src), "cpu", "-o", str(out)],
+                       capture_output=True, text=True, preexec_fn=limit,
+                       env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+    assert r.returncode == 5, r.stderr
+    assert r.stdout == ""
+    assert r.stderr == (f"Error: {out}: could not write the checkpoint (File too large); the "
+                        "original file is unchanged; free some space (the new file is written "
+                        "beside the target before it replaces it) or write elsewhere with -o\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt"]
+    assert src.read_bytes() == (FIXTURES / "cuda0.pt").read_bytes()
+
+
+def test_internal_error_is_not_blamed_on_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in ckpttool surfaces as one (exit 70), with its traceback, not as a corrupt file."""
+    import ckpttool.checkpoint
+
+    def broken(path: str) -> None:
+        raise TypeError("a bug")
+
+    monkeypatch.setattr(ckpttool.checkpoint, "open_checkpoint", broken)
+    result = CliRunner().invoke(cli, ["show", str(FIXTURES / "optim_adam.pt")])
+    assert result.exit_code == 70
+    assert result.stderr.splitlines()[-2:] == [
+        "TypeError: a bug",
+        f"Error: internal error in ckpttool {ckpttool.__version__}; this is a bug, please report "
+        "it with the traceback above"]
