@@ -620,6 +620,67 @@ def test_merge_groups_resumes_identically(tmp_path: Path) -> None:
         assert torch.equal(p1[name], p2[name]), name
 
 
+def test_merge_groups_onecycle_two_groups(tmp_path: Path) -> None:
+    """Defect 5: OneCycleLR's two ``_schedule_phases`` were taken for a per-group list when
+    the optimizer had two groups, and a merge that can be done was refused."""
+    torch.manual_seed(0)
+    model = backbone_head()
+    opt = head_first(model)
+    sched = S.OneCycleLR(opt, max_lr=0.05, total_steps=20)
+    fit(model, opt, 3, sched)
+    path = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict()}, path)
+    orig = torch.load(path)
+    assert len(orig["scheduler"]["_schedule_phases"]) == 2
+    out = run("merge-groups", path).stdout
+    assert out == ("merge-groups: groups 0, 1 of optimizer /optimizer merged into group 0 (4 "
+                   "params, in model order); scheduler /scheduler lists merged; wrote "
+                   f"{path}\n")
+    merged = torch.load(path)
+    assert merged["scheduler"]["_schedule_phases"] == orig["scheduler"]["_schedule_phases"]
+
+    def resume(ck: dict[str, Any], merged_groups: bool) -> tuple[nn.Module, list[list[float]]]:
+        m = backbone_head()
+        m.load_state_dict(ck["model"])
+        o = torch.optim.Adam(m.parameters(), lr=1e-2) if merged_groups else head_first(m)
+        s = S.OneCycleLR(o, max_lr=0.05, total_steps=20)
+        o.load_state_dict(ck["optimizer"])
+        s.load_state_dict(ck["scheduler"])
+        lrs = []
+        for _ in range(6):
+            lrs.append([g["lr"] for g in o.param_groups])
+            fit(m, o, 1, s)
+        return m, lrs
+
+    m1, lrs1 = resume(orig, False)
+    m2, lrs2 = resume(merged, True)
+    assert [x[0] for x in lrs2] == [x[0] for x in lrs1] and all(a == b for a, b in lrs1)
+    for (n1, p1), (n2, p2) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_merge_groups_refuses_without_model_order(tmp_path: Path,
+                                                  copy_fixture: Callable[[str], Path]) -> None:
+    """Defect 5: with names unknown (a Trainer folder: safetensors sorts its names) merging
+    put LayerNorm weights' state on [16, 16] matrices, with only a warning."""
+    folder = copy_fixture("hf_trainer/checkpoint-4")
+    before = (folder / "optimizer.pt").read_bytes()
+    err = run("merge-groups", folder, code=1).stderr
+    assert err == (f"Error: {folder}: the model order of the params of optimizer /optimizer.pt "
+                   "is unknown (/model.safetensors: names are sorted in the file, not in model "
+                   "order), so the merged group's param order would be a guess and the state "
+                   "could land on the wrong parameters at load; pass --force to merge in group "
+                   "order anyway (then build the optimizer with the params in that order)\n")
+    assert (folder / "optimizer.pt").read_bytes() == before
+    out = run("merge-groups", folder, "--force").stdout
+    assert out == ("merge-groups: groups 0, 1 of optimizer /optimizer.pt merged into group 0 "
+                   "(16 params, in group order (--force; the model order is unknown)); "
+                   f"scheduler /scheduler.pt lists merged; wrote {folder}\n")
+    ck = torch.load(folder / "optimizer.pt")
+    assert [len(g["params"]) for g in ck["param_groups"]] == [16]
+
+
 def test_merge_groups_different_lr_and_scheduler(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = backbone_head()
