@@ -369,7 +369,7 @@ def _unpickle_checked(path: str, data: bytes) -> Unpickled:
 
 
 def _tensors(u: Unpickled) -> list[TensorRef]:
-    return [t for t in u.tensors if not t.is_parameter]
+    return [t for t in u.tensors if not t.is_parameter]  # wrappers read through .base
 
 
 _STRUCT = {

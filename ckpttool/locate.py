@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
 
+ParamId = int | str  # an int, or the parameter's name in a name-keyed state dict
+
+
 def is_tensor(obj: Any) -> bool:
     return isinstance(obj, (TensorRef, SafeTensor))
 
@@ -29,7 +32,7 @@ class ParamGroup:
     """One entry of ``param_groups``."""
 
     index: int
-    params: list[int]
+    params: list[ParamId]
     param_names: list[str | None]  # per param: its name when known, else None
     hyperparameters: dict[str, Any]  # every key but params/param_names, in saved order
 
@@ -38,7 +41,7 @@ class ParamGroup:
 class ParamState:
     """The ``state`` entry of one parameter."""
 
-    param: int
+    param: ParamId
     name: str | None
     group: int | None  # index of the group listing this id, None if no group does
     entries: dict[str, Any]
@@ -56,17 +59,17 @@ class OptimizerState:
     extra_keys: list[str] = field(default_factory=list)  # group keys torch's type does not write
     names_source: str | None = None  # where the names come from, when there are names
     names_note: str | None = None  # why there are no names (or only some)
-    model_order: dict[int, int] | None = None  # param id -> position in model.parameters()
+    model_order: dict[ParamId, int] | None = None  # param id -> position in model.parameters()
 
     @property
     def type(self) -> str:
         return self.guess.type
 
     @property
-    def param_ids(self) -> list[int]:
+    def param_ids(self) -> list[ParamId]:
         return [p for g in self.groups for p in g.params]
 
-    def group_of(self, param: int) -> int | None:
+    def group_of(self, param: ParamId) -> int | None:
         for g in self.groups:
             if param in g.params:
                 return g.index
@@ -109,7 +112,9 @@ class ModelState:
 
     pointer: str
     tensors: dict[str, Any]
-    ordered: bool = True  # False when the file sorts names (safetensors), so order is not module order
+    # False when the file sorts names (safetensors), so the order is not the module's
+    ordered: bool = True
+    pickled: str | None = None  # the class of a whole pickled nn.Module, else None
 
     @property
     def elements(self) -> int:
@@ -136,13 +141,57 @@ def _is_id(x: Any) -> bool:
 
 
 def is_optimizer_state(obj: Any) -> bool:
-    """A mapping shaped like ``Optimizer.state_dict()``: int-keyed state, groups of int ids."""
-    return (isinstance(obj, dict) and isinstance(obj.get("state"), dict)
+    """A mapping shaped like ``Optimizer.state_dict()``::
+
+        {"state": {0: {"step": tensor, "exp_avg": tensor, ...}, 1: {...}},
+         "param_groups": [{"lr": ..., ..., "params": [0, 1]}, {..., "params": [2]}]}
+
+    Param ids are ints counting up across groups; state is keyed by the same ids (params that
+    never stepped have no entry). Name-keyed state dicts, as written by
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` and FSDP1's
+    ``optim_state_dict``, use parameter names (FQNs) for both instead.
+    """
+    if not (isinstance(obj, dict) and isinstance(obj.get("state"), dict)
             and isinstance(obj.get("param_groups"), list)
-            and all(_is_id(k) for k in obj["state"])
             and all(isinstance(g, dict) and all(isinstance(k, str) for k in g)
-                    and isinstance(g.get("params"), list) and all(_is_id(p) for p in g["params"])
-                    for g in obj["param_groups"]))
+                    and isinstance(g.get("params"), list) for g in obj["param_groups"])):
+        return False
+    ids = [p for g in obj["param_groups"] for p in g["params"]] + list(obj["state"])
+    return all(_is_id(p) for p in ids) or (bool(ids) and all(isinstance(p, str) for p in ids))
+
+
+def is_name_keyed(opt: OptimizerState) -> bool:
+    """Are the param ids of ``opt`` parameter names (FQNs) rather than ints?"""
+    return any(isinstance(p, str) for p in opt.param_ids)
+
+
+def module_tensors(node: Any, prefix: str = "", depth: int = 0) -> dict[str, Any] | None:
+    """The ``state_dict()`` of a whole pickled ``nn.Module`` (parameters, then persistent
+    buffers, then each submodule's, as torch orders them), or None if ``node`` is not one.
+
+    A pickled module is a recorded ``cls.__new__`` whose BUILD state is the module's
+    ``__dict__``, holding ``_parameters``, ``_buffers`` and ``_modules``.
+    """
+    state = node.state if isinstance(node, Reduce) and not isinstance(node, TensorRef) \
+        else None
+    if not (isinstance(state, dict) and isinstance(state.get("_parameters"), dict)
+            and isinstance(state.get("_modules"), dict)) or depth > 100:
+        return None
+    out: dict[str, Any] = {}
+    for name, t in state["_parameters"].items():
+        if is_tensor(t):
+            out[prefix + str(name)] = t
+    skip = state.get("_non_persistent_buffers_set")
+    skip = skip if isinstance(skip, (set, frozenset)) else set()
+    buffers = state.get("_buffers")
+    for name, t in (buffers.items() if isinstance(buffers, dict) else ()):
+        if is_tensor(t) and name not in skip:
+            out[prefix + str(name)] = t
+    for name, sub in state["_modules"].items():
+        inner = module_tensors(sub, f"{prefix}{name}.", depth + 1)
+        if inner:
+            out.update(inner)
+    return out
 
 
 def is_model_state(obj: Any) -> bool:
@@ -188,6 +237,9 @@ def optimizer_from_raw(pointer: str, raw: dict[str, Any]) -> OptimizerState:
         hp = {k: v for k, v in g.items() if k not in ("params", "param_names")}
         group_keys.update(g.keys())
         names = g.get("param_names")
+        if not isinstance(names, list) and g["params"] and \
+                all(isinstance(p, str) for p in g["params"]):
+            names = g["params"]  # a name-keyed state dict: the ids are the names
         pn: list[str | None] = list(names) if isinstance(names, list) \
             and len(names) == len(g["params"]) else [None] * len(g["params"])
         groups.append(ParamGroup(i, list(g["params"]), pn, hp))
@@ -203,7 +255,7 @@ def optimizer_from_raw(pointer: str, raw: dict[str, Any]) -> OptimizerState:
     for s in states:
         s.group = opt.group_of(s.param)
     if groups and all(any(n is not None for n in g.param_names) for g in groups):
-        opt.names_source = "param_names"
+        opt.names_source = "param ids (name-keyed)" if is_name_keyed(opt) else "param_names"
     return opt
 
 
@@ -239,6 +291,11 @@ def locate(ckpt: Checkpoint) -> Found:
                 state = value.state if isinstance(value.state, dict) else {}
                 found.schedulers.append(SchedulerState(join(ptr, key), knowledge.UNKNOWN, state,
                                                        known=False, reason=why))
+                claimed.add(id(value))
+                continue
+            tensors = module_tensors(value)
+            if tensors:
+                found.models.append(ModelState(join(ptr, key), tensors, pickled=value.qualname))
                 claimed.add(id(value))
         if is_model_state(obj):
             fmt = ckpt.file_for(ptr).format if ckpt.is_folder else ckpt.files[0].format

@@ -134,7 +134,7 @@ def _align_by_owner(groups: list[list[tuple[int, ...] | None]],
 
 def attach_names(opt: OptimizerState, models: list[ModelState]) -> None:
     """Fill names on ``opt``'s groups and state from param_names or a certain alignment."""
-    if opt.names_source == "param_names":
+    if opt.names_source is not None:  # param_names, or the ids of a name-keyed state dict
         _spread(opt)
         for m in models:
             if m.ordered:

@@ -194,13 +194,27 @@ def tensors(root: Any, pointer: str = "") -> Iterator[tuple[str, Any, bool]]:
 
 
 def storages(root: Any, pointer: str = "") -> dict[int, tuple[str, Storage, bool]]:
-    """Every storage of the tree by ``id``: ``(pointer of its first tensor, storage,
-    inside_opaque)``, in tree order. Tensors inside opaque objects are included."""
+    """Every storage of the tree by ``id``: ``(pointer, storage, inside_opaque)``, in tree
+    order. The pointer is that of the storage's first tensor; a storage held other than by a
+    tensor node (a pickled storage, a tensor kind ckpttool does not model) is found too, under
+    its own pointer. Storages inside opaque objects are included."""
     out: dict[int, tuple[str, Storage, bool]] = {}
-    for ptr, t, opaque in tensors(root, pointer):
-        st = getattr(t, "storage", None)
-        if isinstance(st, Storage) and id(st) not in out:
-            out[id(st)] = (ptr, st, opaque)
+    for ptr, obj, opaque in walk_all(root, pointer):
+        if is_tensor_node(obj):
+            st = getattr(obj, "storage", None)
+            if isinstance(st, Storage) and id(st) not in out:
+                out[id(st)] = (ptr, st, opaque)
+            if not isinstance(obj, TensorRef) or not obj.is_wrapper:
+                continue
+        kids = reduce_children(obj) if isinstance(obj, Reduce) else children(obj)
+        for tok, v in kids:
+            if isinstance(v, Storage) and id(v) not in out:
+                out[id(v)] = (f"{ptr}/{tok}" if isinstance(obj, Reduce) else join(ptr, tok), v,
+                              opaque or isinstance(obj, Reduce))
+            elif isinstance(v, tuple) and isinstance(obj, Reduce):
+                for i, x in enumerate(v):  # reduce args such as _rebuild_from_type_v2's
+                    if isinstance(x, Storage) and id(x) not in out:
+                        out[id(x)] = (f"{ptr}/{tok}/{i}", x, True)
     return out
 
 

@@ -140,6 +140,14 @@ def _copy(src: str | Path, dst_dir: Path, name: str | None = None) -> Path:
 # --------------------------------------------------------------------------------------------
 # pickler
 
+# Byte-exact re-pickling cannot hold here (documented in formats/pickler.py): ultralytics'
+# process held two equal one-character strings ("0", a Sequential's module name) as distinct
+# objects; unpickled, CPython gives both the same cached object, so the second is written as a
+# memo GET. The pickle still loads to the same values (checked below), and a no-op rewrite
+# keeps the source's data.pkl bytes (test_noop_rewrite_is_byte_identical).
+INEXACT_PICKLES = {"ultralytics/last.pt"}
+
+
 @pytest.mark.parametrize("path", ZIP_FIXTURES, ids=_ids(ZIP_FIXTURES))
 def test_dumps_reproduces_data_pkl(path: str) -> None:
     f = read_file(path)
@@ -148,7 +156,22 @@ def test_dumps_reproduces_data_pkl(path: str) -> None:
         data = read_record(path, fd, f.archive.records["data.pkl"])
     finally:
         os.close(fd)
-    assert dumps(unpickle(data).root, protocol=data[1]) == data
+    out = dumps(unpickle(data).root, protocol=data[1])
+    if os.path.relpath(path, FIXTURES) not in INEXACT_PICKLES:
+        assert out == data
+        return
+    assert out != data and len(out) < len(data)  # memo GETs instead of repeated strings
+    assert dumps(unpickle(out).root, protocol=data[1]) == out
+    import pickletools
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data)
+           if op.name not in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET")]
+    ops_out = [(op.name, arg) for op, arg, _ in pickletools.genops(out)
+               if op.name not in ("BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET")]
+    # the only difference: some one-character strings come back as memo references
+    missing = list(ops)
+    for item in ops_out:
+        missing.remove(item)
+    assert missing and all(n == "BINUNICODE" and len(a) <= 1 for n, a in missing), missing
 
 
 def test_dumps_reproduces_torch_written_pickle(made: Path) -> None:

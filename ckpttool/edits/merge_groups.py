@@ -15,7 +15,7 @@ from typing import Any
 from .. import knowledge
 from ..checkpoint import Checkpoint
 from ..errors import EditError
-from ..locate import SchedulerState
+from ..locate import SchedulerState, is_name_keyed
 from ..pairing import per_group_keys
 from ..tree import join
 from . import Plan, TreeEditor, as_number
@@ -115,10 +115,11 @@ def merge_groups(ckpt: Checkpoint, groups: list[int] | None = None,
         elif i not in sel:
             new_groups.append(group)
     # torch numbers params consecutively across groups: renumber and move the state along
-    renumber: dict[int, int] = {}
+    # (a name-keyed state dict keeps its names)
+    renumber: dict[Any, Any] = {}
     for ng in new_groups:
         for p in ng["params"]:
-            renumber[p] = len(renumber)
+            renumber[p] = p if is_name_keyed(opt) else len(renumber)
     orphans = [p for p in raw["state"] if p not in renumber]
     if orphans:
         raise EditError(f"{where} has state for param ids {orphans} that no group lists; "
@@ -132,7 +133,8 @@ def merge_groups(ckpt: Checkpoint, groups: list[int] | None = None,
     old_state = raw["state"]
     new_state = copy.copy(old_state)
     new_state.clear()
-    for old in sorted(old_state, key=lambda p: renumber[p]):
+    keys = list(old_state) if is_name_keyed(opt) else sorted(old_state, key=lambda p: renumber[p])
+    for old in keys:
         new_state[renumber[old]] = old_state[old]
     before = f"{n} groups {[len(g['params']) for g in rg]}"
     after = f"{len(new_groups)} groups {[len(g['params']) for g in new_groups]}"

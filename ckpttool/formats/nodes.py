@@ -42,6 +42,9 @@ TENSOR_REBUILDERS = frozenset({
 PARAMETER_REBUILDERS = frozenset({
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
 })
+# ``_rebuild_from_type_v2(func, new_type, args, state)``: a tensor subclass or a tensor with
+# Python attributes (FSDP1 full state dicts: ``_has_been_cloned``), rebuilt by ``func(*args)``
+FROM_TYPE_REBUILDERS = frozenset({"torch._tensor._rebuild_from_type_v2"})
 
 
 class Global:
@@ -173,10 +176,22 @@ class TensorRef(Reduce):
         return self.qualname in PARAMETER_REBUILDERS
 
     @property
+    def is_wrapper(self) -> bool:
+        """A Parameter or subclass around another tensor node (not a plain tensor)."""
+        return self.qualname in PARAMETER_REBUILDERS or self.qualname in FROM_TYPE_REBUILDERS
+
+    @property
     def base(self) -> TensorRef:
-        """The plain tensor (a Parameter's data)."""
+        """The plain tensor (a Parameter's data, the tensor a subclass is rebuilt from)."""
         if self.is_parameter:
             inner = self.args[0]
+            if isinstance(inner, TensorRef):
+                return inner.base
+        elif self.qualname in FROM_TYPE_REBUILDERS and len(self.args) > 2 \
+                and isinstance(self.args[0], Global) and isinstance(self.args[2], tuple):
+            if self.args[0].qualname in TENSOR_REBUILDERS:
+                return TensorRef(self.args[0], self.args[2])  # a view of the same args
+            inner = self.args[2][0] if self.args[2] else None
             if isinstance(inner, TensorRef):
                 return inner.base
         return self

@@ -22,7 +22,8 @@ import warnings
 from typing import Any, Callable
 
 from ..errors import PickleError
-from .nodes import PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce, Storage, TensorRef
+from .nodes import (FROM_TYPE_REBUILDERS, PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce,
+                    Storage, TensorRef)
 from .safety import classify
 
 MAX_STACK = 1_000_000
@@ -90,6 +91,48 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     return NotImplemented
 
 
+_GETATTR = frozenset({"builtins.getattr", "__builtin__.getattr"})
+
+
+def _benign_getattr(args: tuple[Any, ...]) -> bool:
+    """``getattr(Class, "public_name")`` on a class that is not dangerous itself."""
+    return (len(args) == 2 and isinstance(args[0], Global) and args[0].safety != "dangerous"
+            and isinstance(args[1], str) and args[1].isidentifier()
+            and not args[1].startswith("_"))
+
+
+def _settle_getattr(r: _Reader) -> None:
+    """Judge ``builtins.getattr`` by its uses, not its name.
+
+    mmengine's message hub pickles statistics methods as ``getattr(HistoryBuffer, "min")``:
+    loading fetches a public attribute of a class (after importing its module, as for any
+    class in a pickle) and stores it; nothing the file chose is called. Such a getattr is
+    "opaque" (the file needs trust, not weights_only), provided every use is one: a getattr
+    on anything else (a module, an object, a private or dunder name), a getattr global used
+    other than as such a call, or a fetched attribute that the pickle then calls, keeps it
+    dangerous.
+    """
+    if r.getattr_unsafe or not r.getattr_globals or \
+            any(id(g) not in r.getattr_funcs for g in r.getattr_globals):
+        return
+    for g in r.getattr_globals:
+        g.safety = "opaque"
+    for q in _GETATTR:
+        if q in r.globals:
+            first = r.globals[q]
+            r.globals[q] = Global(first.module, first.name, "opaque")
+
+
+def _wraps_tensor(args: tuple[Any, ...]) -> bool:
+    """``_rebuild_from_type_v2`` args that rebuild a tensor from a storage (or wrap one)."""
+    if len(args) < 3 or not isinstance(args[0], Global) or not isinstance(args[2], tuple):
+        return False
+    inner = args[2]
+    if args[0].qualname in TENSOR_REBUILDERS:
+        return len(inner) >= 4 and isinstance(inner[0], Storage)
+    return bool(inner) and isinstance(inner[0], TensorRef)
+
+
 class _Reader:
     def __init__(self, data: bytes | memoryview, pos: int) -> None:
         self.raw = data if isinstance(data, bytes) else bytes(data)  # for bytes.find
@@ -103,6 +146,11 @@ class _Reader:
         self.storages: dict[str, Storage] = {}
         self.tensors: list[TensorRef] = []
         self.hash_work = MAX_HASH_WORK
+        # getattr(SomeClass, "name") whose result is only stored (see settle_getattr)
+        self.getattr_globals: list[Global] = []  # every getattr global node made
+        self.getattr_calls: dict[int, Reduce] = {}  # id -> benign getattr call
+        self.getattr_funcs: set[int] = set()  # ids of the getattr nodes those calls used
+        self.getattr_unsafe = False
 
     # -- helpers ---------------------------------------------------------------------------
     def fail(self, what: str) -> PickleError:
@@ -178,20 +226,37 @@ class _Reader:
             self.global_nodes[key] = g
             self.globals.setdefault(g.qualname, g)
         # A fresh node per opcode keeps the pickle's object identity (memo) exact on rewrite.
-        return Global(module, name, g.safety)
+        node = Global(module, name, g.safety)
+        if g.qualname in _GETATTR:
+            self.getattr_globals.append(node)
+        return node
 
     def call(self, func: Any, args: Any, kind: str) -> Any:
         if not isinstance(args, tuple):
             raise self.fail("call arguments are not a tuple")
+        if isinstance(func, Reduce) and id(func) in self.getattr_calls:
+            self.getattr_unsafe = True  # the attribute fetched is called: code of its choice
+        if isinstance(func, Global) and func.qualname in _GETATTR:
+            node = Reduce(func, args, kind)
+            if kind == "reduce" and _benign_getattr(args):
+                self.getattr_calls[id(node)] = node
+                self.getattr_funcs.add(id(func))
+            else:
+                self.getattr_unsafe = True
+            return node
         if isinstance(func, Global):
             if kind == "reduce" and func.safety != "dangerous":
                 value = _evaluate_builtin(func, args, self.check_hashable)
                 if value is not NotImplemented:
                     return value
-            if func.qualname in TENSOR_REBUILDERS or func.qualname in PARAMETER_REBUILDERS:
+            if func.qualname in TENSOR_REBUILDERS or func.qualname in PARAMETER_REBUILDERS \
+                    or (func.qualname in FROM_TYPE_REBUILDERS and _wraps_tensor(args)):
                 t = TensorRef(func, args, kind)
                 if func.qualname in TENSOR_REBUILDERS:
                     self.check_tensor(t)
+                elif func.qualname in FROM_TYPE_REBUILDERS and t.base is not t \
+                        and not isinstance(args[2][0], TensorRef):
+                    self.check_tensor(t.base)
                 self.tensors.append(t)
                 return t
         return Reduce(func, args, kind)
@@ -804,4 +869,5 @@ def unpickle(data: bytes | memoryview, pos: int = 0) -> Unpickled:
     except RecursionError:
         raise PickleError("pickle nests too deeply") from None
     check_shape(root)
+    _settle_getattr(r)
     return Unpickled(root, r.pos, r.globals, r.storages, r.tensors)
