@@ -6,7 +6,8 @@ structure, in this order:
 1. **Per-group lists.** A scheduler keeps one entry per param group in the keys that are
    per-group for its type (``base_lrs``, ``_last_lr``, ``min_lrs``, ... from the shipped torch
    knowledge; never ``_schedule_phases``, ``milestones`` or nested lists). A scheduler whose
-   lists have another length cannot drive the optimizer.
+   lists have another length cannot drive the optimizer. (Schedulers of unknown types are
+   never ruled out this way: what their lists hold is not known.)
 2. **Parallel lists.** Lightning's ``/optimizer_states/i`` pairs with ``/lr_schedulers/i``:
    two pointers ending in list indices pair when the indices are equal.
 3. **Names.** The last name of each pointer without the words "optimizer" / "scheduler" (and
@@ -93,7 +94,9 @@ def pair(optimizers: list[OptimizerState], schedulers: list[SchedulerState],
          opt: OptimizerState) -> Pairing:
     """The schedulers that drive ``opt`` among ``schedulers`` (see the module docstring)."""
     n = len(opt.groups)
-    fits = [s for s in schedulers if group_count(s) in (None, n)]
+    # an unknown scheduler's lists need not be one per group (mmengine keeps one more for
+    # its base_param_settings), so their length never rules it out
+    fits = [s for s in schedulers if not s.known or group_count(s) in (None, n)]
     if len(fits) <= 1:
         return Pairing(fits, "the only scheduler with as many groups" if fits else "none fits")
     marks = [(s, affinity(opt, s)) for s in fits]

@@ -69,14 +69,16 @@ def _refuse_unknown(ckpt: Checkpoint, unknown: list[SchedulerState], action: str
     if not unknown:
         return
     what = "; ".join(f"{_name(s.pointer)} ({s.reason})" for s in unknown)
-    one = len(unknown) == 1
-    raise EditError(f"{'a scheduler' if one else 'schedulers'} of a type ckpttool does not "
-                    f"know may drive this optimizer: {what}. ckpttool cannot {action} in "
-                    f"{'it' if one else 'them'}, and at its next step "
-                    f"{'it' if one else 'they'} would undo the edit",
+    if len(unknown) == 1:
+        lead, it, its = "a scheduler", "it", "its"
+    else:
+        lead, it, its = "schedulers", "them", "their"
+    raise EditError(f"{lead} of a type ckpttool does not know may drive this optimizer: "
+                    f"{what}. ckpttool cannot {action} in {it}, and at {its} next step "
+                    f"{'it' if len(unknown) == 1 else 'they'} would undo the edit",
                     path=ckpt.path, pointer=unknown[0].pointer,
-                    hint="edit the scheduler yourself (or rebuild it from your config at "
-                         "resume) and pass --no-scheduler to change only the optimizer")
+                    hint=f"edit {it} yourself (or rebuild {it} from your config at resume) "
+                         "and pass --no-scheduler to change only the optimizer")
 
 
 def nested(state: dict[str, Any], pointer: str) -> list[SchedulerState]:

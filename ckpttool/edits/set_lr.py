@@ -54,7 +54,8 @@ def _scale_scheduler(ed: TreeEditor, s: SchedulerState, factors: dict[int, float
                 new = x * k
                 if key == "_last_lr" and g in exact and x == exact[g][0]:
                     new = exact[g][1]
-                ed.set_number(join(join(s.pointer, key), g), new)
+                if new != x:
+                    ed.set_number(join(join(s.pointer, key), g), new)
     for key in LR_SCALAR_KEYS:
         x = as_number(s.raw.get(key))
         if x is None or x == 0:
