@@ -20,7 +20,7 @@ from .formats.nodes import Global, Storage, TensorRef
 from .formats.safetensors import SafeTensor, read_safetensors
 from .formats.torchzip import Archive, read_archive, read_record
 from .formats.unpickler import PickleTruncated, Unpickled, unpickle
-from .tree import join, resolve, split, storages
+from .tree import join, opaque_top, resolve, split, storages, tensors
 
 if TYPE_CHECKING:
     from .locate import Found, ModelState, OptimizerState, SchedulerState
@@ -176,6 +176,37 @@ class Checkpoint:
                 out.append(StorageUse(f.name, ptr, st, opaque))
         return out
 
+    @cached_property
+    def devices(self) -> dict[str, int]:
+        """How many storages are tagged with each device."""
+        out: dict[str, int] = {}
+        for u in self.storages:
+            out[u.storage.location] = out.get(u.storage.location, 0) + 1
+        return out
+
+    @cached_property
+    def opaque_holders(self) -> list[OpaqueHolder]:
+        """Tensors held inside opaque objects, by the outermost object that holds them."""
+        groups: dict[str, OpaqueHolder] = {}
+        seen: set[int] = set()
+        for f in self.files:
+            base = join("", f.name) if self.is_folder else ""
+            for ptr, t, opaque in tensors(self.roots[f.name], base):
+                if not opaque:
+                    continue
+                top = opaque_top(ptr)
+                h = groups.get(top)
+                if h is None:
+                    obj = self.resolve(top)
+                    h = groups[top] = OpaqueHolder(top, getattr(obj, "qualname", "?"), 0, 0, {})
+                h.tensors += 1
+                st = t.storage
+                if st is not None and id(st) not in seen:
+                    seen.add(id(st))
+                    h.bytes += st.nbytes
+                    h.devices[st.location] = h.devices.get(st.location, 0) + 1
+        return list(groups.values())
+
     def optimizer(self, pointer: str | None = None) -> OptimizerState:
         """The optimizer at ``pointer``, or the only one when ``pointer`` is None."""
         where = ", ".join(repr(o.pointer) for o in self.optimizers) or "nowhere"
@@ -199,6 +230,18 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"<Checkpoint {self.path!r} {self.format}>"
+
+
+@dataclass
+class OpaqueHolder:
+    """An opaque object (a pickled ``nn.Module``, say) holding tensors: where it is, its
+    class, how many tensors, the bytes of their storages and the storages per device."""
+
+    pointer: str
+    object: str
+    tensors: int
+    bytes: int
+    devices: dict[str, int]
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,16 @@ class OptimizerState:
 
 @dataclass
 class SchedulerState:
-    """An LR scheduler ``state_dict`` (its ``__dict__`` without the optimizer).
+    """An LR scheduler ``state_dict``: the scheduler's ``__dict__`` without the optimizer::
+
+        {"base_lrs": [0.1, 0.01], "last_epoch": 3, "_step_count": 4, "_last_lr": [...],
+         "step_size": 2, "gamma": 0.5, ...}          # plus per-class keys
+        {"_schedulers": [{...}, {...}], "_milestones": [5], "_last_lr": [...], ...}
+                                                     # SequentialLR / ChainedScheduler
+
+    Lists such as ``base_lrs`` hold one entry per param group (which keys do is per class, in
+    :mod:`ckpttool.knowledge`); ``initial_lr`` (and OneCycleLR's ``max_lr`` / ``min_lr``)
+    live in the optimizer's groups instead.
 
     ``known`` is False for a scheduler-like state of a type ckpttool does not know (mmengine's
     ``base_values`` / ``last_step`` schedulers, DeepSpeed's ``{"last_batch_iteration": N}``, a
@@ -108,7 +117,9 @@ class SchedulerState:
 
 @dataclass
 class ModelState:
-    """A model ``state_dict``: names to tensors."""
+    """A model ``state_dict``: ``{"0.weight": tensor, "0.bias": tensor, ...}``, names in
+    ``model.state_dict()`` order (parameters and buffers of each module, then its children),
+    or the ``state_dict()`` of a whole pickled ``nn.Module`` (``pickled`` is its class)."""
 
     pointer: str
     tensors: dict[str, Any]

@@ -19,7 +19,7 @@ from .formats.nodes import Global, Reduce, Storage, TensorRef
 from .formats.safetensors import SafeTensor
 from .locate import (ModelState, OptimizerState, SchedulerState, is_model_state,
                      is_optimizer_state)
-from .tree import join, opaque_top, tensors
+from .tree import tensors
 
 if TYPE_CHECKING:
     from .edits.plan import Plan
@@ -106,42 +106,9 @@ def scheduler_json(s: SchedulerState) -> dict[str, Any]:
     return d
 
 
-def opaque_tensors(ckpt: Checkpoint) -> list[dict[str, Any]]:
-    """Tensors held inside opaque objects, grouped by the outermost object that holds them:
-    pointer, object (its class), tensors, bytes (of their storages) and devices."""
-    groups: dict[str, dict[str, Any]] = {}
-    seen: set[int] = set()
-    for f in ckpt.files:
-        base = join("", f.name) if ckpt.is_folder else ""
-        for ptr, t, opaque in tensors(ckpt.roots[f.name], base):
-            if not opaque:
-                continue
-            top = opaque_top(ptr)
-            g = groups.get(top)
-            if g is None:
-                obj = ckpt.resolve(top)
-                g = groups[top] = {"pointer": top, "object": getattr(obj, "qualname", "?"),
-                                   "tensors": 0, "bytes": 0, "devices": {}}
-            g["tensors"] += 1
-            st = t.storage
-            if st is not None and id(st) not in seen:
-                seen.add(id(st))
-                g["bytes"] += st.nbytes
-                g["devices"][st.location] = g["devices"].get(st.location, 0) + 1
-    return list(groups.values())
-
-
-def devices(ckpt: Checkpoint) -> dict[str, int]:
-    """How many storages are tagged with each device."""
-    out: dict[str, int] = {}
-    for u in ckpt.storages:
-        out[u.storage.location] = out.get(u.storage.location, 0) + 1
-    return out
-
-
 def model_json(m: ModelState) -> dict[str, Any]:
     return {"pointer": m.pointer, "tensors": len(m.tensors), "elements": m.elements,
-            "bytes": m.nbytes, "dtypes": m.dtypes}
+            "bytes": m.nbytes, "dtypes": m.dtypes, "pickled_module": m.pickled}
 
 
 def summary(v: Any) -> str:
@@ -193,8 +160,8 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
         "opaque_globals": ckpt.opaque_globals,
         "top_level": top_level(ckpt),
         "other_files": ckpt.other_files,
-        "storages": {"count": len(ckpt.storages), "devices": devices(ckpt)},
-        "opaque_tensors": opaque_tensors(ckpt),
+        "storages": {"count": len(ckpt.storages), "devices": ckpt.devices},
+        "opaque_tensors": [vars(h) for h in ckpt.opaque_holders],
         "optimizers": [optimizer_json(o, tensor_stats) for o in opts],
         "schedulers": [scheduler_json(s) for s in ckpt.schedulers],
         "models": [model_json(m) for m in ckpt.models],
@@ -260,15 +227,15 @@ def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = Fal
     if ckpt.opaque_globals:
         lines.append("opaque objects (kept as data, never imported): "
                      + ", ".join(ckpt.opaque_globals))
-    devs = devices(ckpt)
+    devs = ckpt.devices
     if devs:
         lines.append(f"storages: {sum(devs.values())} (" + ", ".join(
             f"{d} x{n}" for d, n in sorted(devs.items())) + ")")
-    held = opaque_tensors(ckpt)
+    held = ckpt.opaque_holders
     if held:
         lines.append("tensors inside opaque objects:")
-        rows = [[h["pointer"] or "(root)", h["object"], h["tensors"], _human(h["bytes"]),
-                 ", ".join(f"{d} x{n}" for d, n in sorted(h["devices"].items()))]
+        rows = [[h.pointer or "(root)", h.object, h.tensors, _human(h.bytes),
+                 ", ".join(f"{d} x{n}" for d, n in sorted(h.devices.items()))]
                 for h in held]
         lines.append(_indent(tabulate(rows, ["pointer", "object", "tensors", "bytes",
                                              "devices"])))

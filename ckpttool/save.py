@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from .checkpoint import Checkpoint
 from .edits import Plan
 from .errors import CkptError, UnsafeCheckpointError, WriteError
-from .writer import TMP_SUFFIX, WriteResult, copy_file, write_file
+from .writer import TMP_SUFFIX, WriteResult, copy_file, fsync_dir, write_file
 
 Progress = Callable[[int, int], None]
 
@@ -142,7 +142,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
             os.rename(dest, os.path.join(old, "x"))
         os.rename(tmp, dest)
         tmp = None
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except OSError as e:
         if old is not None and not os.path.lexists(dest):
             os.rename(os.path.join(old, "x"), dest)  # put the replaced folder back
@@ -164,16 +164,6 @@ def _copy_synced(src: str, dst: str) -> None:
     shutil.copystat(src, dst)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: str) -> None:
     for here, _, _ in os.walk(root):
-        _fsync_dir(here)
+        fsync_dir(here)

@@ -4,7 +4,7 @@ rebuilding it with parts replaced (copy on write: the tree an edit was given nev
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import CkptError
@@ -47,9 +47,14 @@ def _child(obj: Any, token: str) -> Any:
     raise KeyError(token)
 
 
-def resolve(root: Any, pointer: str) -> Any:
-    """The object at ``pointer`` (``@``-tokens enter opaque objects, see below)."""
-    obj = root
+def resolve(root: Any, pointer: str, view: Callable[[Any], Any] | None = None) -> Any:
+    """The object at ``pointer`` (``@``-tokens enter opaque objects, see below).
+
+    ``view`` maps each object met on the way to the one to look into (an editor's current
+    version of it); by default objects are taken as they are.
+    """
+    see = view or (lambda x: x)
+    obj = see(root)
     tokens = split(pointer)
     i = 0
     while i < len(tokens):
@@ -58,12 +63,13 @@ def resolve(root: Any, pointer: str) -> Any:
             if isinstance(obj, Reduce) and token.startswith("@"):
                 obj, used = _reduce_child(obj, token, tokens[i + 1:])
                 i += used
-                continue
-            obj = _child(obj, token)
+            else:
+                obj = _child(obj, token)
+                i += 1
         except (KeyError, IndexError):
             raise CkptError(f"nothing at {pointer!r} (no {token!r} there)",
                             pointer=pointer) from None
-        i += 1
+        obj = see(obj)
     return obj
 
 

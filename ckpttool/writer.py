@@ -78,7 +78,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """fsync a folder (its entries: a rename into it is durable once this returns)."""
     try:
         dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
@@ -300,7 +301,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             backup_path = _make_backup(target)
         os.replace(tmp, target)
         tmp = None
-        _fsync_dir(directory)
+        fsync_dir(directory)
         size = os.stat(target).st_size
     except OSError as e:
         raise WriteError(f"could not write the checkpoint ({e.strerror or e}); the original "
@@ -350,7 +351,7 @@ def copy_file(src: str, out_path: str, *, force: bool = False) -> str:
                              path=out_path)
         os.replace(tmp, target)
         tmp = None
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except OSError as e:
         raise WriteError(f"could not copy the checkpoint ({e.strerror or e})", path=out_path,
                          hint=_write_hint(e)) from e
@@ -410,7 +411,7 @@ def _make_backup(target: str) -> str:
         except OSError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return bak
 
 

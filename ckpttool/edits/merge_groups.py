@@ -19,7 +19,7 @@ from ..locate import SchedulerState, is_name_keyed
 from ..pairing import per_group_keys
 from ..tree import join
 from . import Plan, TreeEditor, as_number
-from .schedules import LR_LIST_KEYS, choose_scheduler, nested
+from .schedules import LR_LIST_KEYS, choose_scheduler, known_nested
 
 LR_GROUP_KEYS = knowledge.LR_LIKE_GROUP_KEYS
 
@@ -193,9 +193,5 @@ def _merge_scheduler(ed: TreeEditor, s: SchedulerState, sel: list[int], n: int,
         new = [x for i, x in enumerate(v) if i not in sel[1:]]
         new[sel[0]] = merged
         ed.set(join(s.pointer, key), new)
-    for sub in nested(s.raw, s.pointer):
-        if not sub.known:
-            raise EditError(f"nested scheduler {sub.pointer} is of a type ckpttool does not "
-                            "know", path=ed.ckpt.path, pointer=sub.pointer,
-                            hint="pass --no-scheduler to leave schedulers unchanged")
+    for sub in known_nested(s, ed.ckpt.path, "pass --no-scheduler to leave schedulers unchanged"):
         _merge_scheduler(ed, sub, sel, n, sets, old_groups)

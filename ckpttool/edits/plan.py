@@ -28,7 +28,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CkptError
 from ..formats.nodes import Reduce, Storage, TensorRef
 from ..newtensors import Fill, new_tensor
-from ..tree import _child, _reduce_child, rebuild, split
+from ..tree import rebuild, resolve, split
 
 P = ParamSpec("P")
 
@@ -104,23 +104,10 @@ class TreeEditor:
 
     def get(self, pointer: str) -> Any:
         """The value at ``pointer`` in the edited tree."""
-        obj = self.view(self.ckpt.root)
-        tokens = split(pointer)
-        i = 0
-        while i < len(tokens):
-            token = tokens[i]
-            try:
-                if isinstance(obj, Reduce) and token.startswith("@"):
-                    obj, used = _reduce_child(obj, token, tokens[i + 1:])
-                    i += used
-                else:
-                    obj = _child(obj, token)
-                    i += 1
-            except (KeyError, IndexError):
-                raise CkptError(f"nothing at {pointer!r}", path=self.ckpt.path,
-                                pointer=pointer) from None
-            obj = self.view(obj)
-        return obj
+        try:
+            return resolve(self.ckpt.root, pointer, self.view)
+        except CkptError as e:
+            raise CkptError(e.message, path=self.ckpt.path, pointer=pointer) from None
 
     # -- changing it -----------------------------------------------------------------------
     def own(self, obj: Any) -> Any:
@@ -202,10 +189,6 @@ class TreeEditor:
         self._subst[id(old)] = new
         self._keep.append(old)
         self.changes.append(Change(pointer, before, after))
-
-    def record(self, change: Change) -> None:
-        """Add a change whose value was set by replacing a whole container."""
-        self.changes.append(change)
 
     # -- the plan --------------------------------------------------------------------------
     def finish(self, summary: str) -> Plan:

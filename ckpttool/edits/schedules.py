@@ -96,6 +96,16 @@ def nested(state: dict[str, Any], pointer: str) -> list[SchedulerState]:
     return out
 
 
+def known_nested(s: SchedulerState, path: str, hint: str) -> list[SchedulerState]:
+    """The schedulers nested in ``s``; an error if one is of a type ckpttool does not know."""
+    subs = nested(s.raw, s.pointer)
+    for sub in subs:
+        if not sub.known:
+            raise EditError(f"nested scheduler {sub.pointer} is of a type ckpttool does not "
+                            "know", path=path, pointer=sub.pointer, hint=hint)
+    return subs
+
+
 def lr_list_keys(s: SchedulerState) -> list[str]:
     """The per-group keys of ``s`` holding learning rates."""
     return [k for k in per_group_keys(s) if k in LR_LIST_KEYS]

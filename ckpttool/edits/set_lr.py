@@ -24,7 +24,7 @@ from ..errors import AmbiguousError, EditError
 from ..locate import OptimizerState, SchedulerState
 from ..tree import join
 from . import Plan, TreeEditor, as_number, close
-from .schedules import LR_SCALAR_KEYS, choose_scheduler, lr_list_keys, nested
+from .schedules import LR_SCALAR_KEYS, choose_scheduler, known_nested, lr_list_keys
 
 LR_GROUP_KEYS = knowledge.LR_LIKE_GROUP_KEYS
 
@@ -69,11 +69,7 @@ def _scale_scheduler(ed: TreeEditor, s: SchedulerState, factors: dict[int, float
         k = ks.pop()
         if k != 1.0:
             ed.set_number(join(s.pointer, key), x * k)
-    for sub in nested(s.raw, s.pointer):
-        if not sub.known:
-            raise EditError(f"nested scheduler {sub.pointer} is of a type ckpttool does not "
-                            "know", path=ed.ckpt.path, pointer=sub.pointer,
-                            hint="pass --no-scheduler to change only the optimizer")
+    for sub in known_nested(s, ed.ckpt.path, "pass --no-scheduler to change only the optimizer"):
         _scale_scheduler(ed, sub, factors, n_groups, hint, exact)
 
 
@@ -183,7 +179,10 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
         else:
             hint = "pass --no-scheduler"
         _scale_scheduler(ed, sched, factors, n, hint, exact)
-    kinds = ", ".join(f"group {g} x{k:.6g}" for g, k in factors.items())
+    if len(factors) > 1 and len(set(factors.values())) == 1:
+        kinds = f"groups {', '.join(map(str, factors))} x{next(iter(factors.values())):.6g}"
+    else:
+        kinds = ", ".join(f"group {g} x{k:.6g}" for g, k in factors.items())
     sname = f"; scheduler {sched.pointer or '(root)'} ({sched.type}) scaled to match" \
         if sched else ("; schedulers left unchanged (--no-scheduler)" if no_scheduler
                        else "; no scheduler")
