@@ -9,6 +9,7 @@ from typing import Any
 
 from .errors import CkptError
 from .formats.nodes import Reduce, Storage, TensorRef
+from .formats.safetensors import SafeTensor
 
 
 def escape(token: Any) -> str:
@@ -158,7 +159,6 @@ def opaque_top(pointer: str) -> str:
 
 def is_tensor_node(obj: Any) -> bool:
     """A tensor: a :class:`TensorRef` (plain or Parameter) or a safetensors entry."""
-    from .formats.safetensors import SafeTensor
     return isinstance(obj, (TensorRef, SafeTensor))
 
 

@@ -28,6 +28,7 @@ from ..checkpoint import Checkpoint
 from ..errors import CkptError
 from ..formats.nodes import Reduce, Storage, TensorRef
 from ..newtensors import Fill, new_tensor
+from ..render import plan_text
 from ..tree import rebuild, resolve, split
 
 P = ParamSpec("P")
@@ -77,7 +78,6 @@ class Plan:
 
     def render(self) -> str:
         """The before/after table of the changes, then the summary (``--dry-run``)."""
-        from ..render import plan_text
         return plan_text(self)
 
 
