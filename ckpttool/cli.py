@@ -267,6 +267,37 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
     _run(go)
 
 
+@cli.command()
+@click.argument("path", type=click.Path(readable=False))
+@click.option("--to", "target", required=True, metavar="NAME",
+              help="Target optimizer class (SGD, Adam, AdamW, Adagrad, ..., case-insensitive).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="A hyperparameter of the target for every group (--set lr=... also "
+                   "scales the scheduler, as set-lr --same does).")
+@click.option("--moments", type=click.Choice(["carry", "zero"]), default="carry",
+              show_default=True,
+              help="carry: map the running moments; zero: keep no state (torch makes it).")
+@click.option("--step", type=int, metavar="N", help="Step count when the source kept none.")
+@click.option("--optimizer", metavar="POINTER", help="The optimizer, when there are several.")
+@_write_options
+def convert(path: str, target: str, sets: tuple[str, ...], moments: str, step: int | None,
+            optimizer: str | None, output: str | None, force: bool, backup: bool,
+            dry_run: bool) -> None:
+    """Convert the optimizer state to another torch.optim type, keeping the running moments
+    (formulas in the README).
+
+    Example: ckpttool convert ckpt.pth --to adam --set lr=1e-3
+    """
+    from .checkpoint import open_checkpoint
+    from .edits.convert import convert as convert_edit
+
+    def go() -> None:
+        plan = convert_edit(open_checkpoint(path), target, sets=_parse_assignments(sets),
+                            moments=moments, step=step, optimizer=optimizer)
+        _finish(plan, output, force, backup, dry_run)
+    _run(go)
+
+
 def main() -> None:
     cli()
 

@@ -10,8 +10,8 @@ Contents:
 
 * :class:`Zeros` - ``nbytes`` zero bytes;
 * :class:`Fill` - ``numel`` elements of one value in a dtype;
-* :class:`Derived` - elementwise ``fn`` over source tensors' records, read and computed one
-  chunk of elements at a time (the sources must be contiguous, as optimizer state is).
+* :class:`Derived` - computed from source tensors' records one chunk of elements at a time
+  (the sources must be contiguous, as optimizer state is).
 """
 
 from __future__ import annotations
@@ -88,51 +88,65 @@ class Fill:
         return f"full({self.value!r})"
 
 
+class Reader:
+    """Reads elements of contiguous source tensors from their records (one fd per file)."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read(self, t: TensorRef, start: int, n: int) -> bytes:
+        """The bytes of elements ``start .. start + n`` of ``t`` (row-major)."""
+        st = t.storage
+        if st is None or st.record is None:
+            raise EditError("a source tensor has no record to read")
+        if not is_contiguous(t):
+            raise EditError(f"a {t.dtype}{list(t.shape)} source tensor is not contiguous")
+        path = st.record.path
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        size = t.itemsize
+        raw = os.pread(fd, n * size, st.record.data_offset + (t.offset + start) * size)
+        if len(raw) != n * size:
+            raise EditError(f"{path}: a tensor's bytes end early (truncated)")
+        return raw
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 @dataclass(frozen=True)
 class Derived:
-    """``numel`` elements of ``dtype`` computed from ``sources`` chunk by chunk.
+    """``numel`` elements of ``dtype`` computed chunk by chunk from source records.
 
-    ``fn`` gets, for one chunk of element indices, the raw little-endian bytes of each source
-    over those indices, and returns the chunk of the result (``len == n * itemsize``).
+    ``compute(start, n, reader)`` returns the little-endian bytes of elements
+    ``start .. start + n`` of the result, reading what it needs of its sources through
+    ``reader`` (see :mod:`ckpttool.edits.convert` for the moment formulas built on this).
     """
 
     dtype: str
     numel: int
-    sources: tuple[TensorRef, ...]
-    fn: Callable[[list[bytes]], bytes]
+    compute: Callable[[int, int, Reader], bytes]
     label: str
+    chunk_elements: int = 1 << 20
 
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_ITEMSIZE[self.dtype]
 
     def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        widest = max([DTYPE_ITEMSIZE[self.dtype], *(s.itemsize for s in self.sources)])
-        per = max(1, chunk_bytes // widest)
-        fds: dict[str, int] = {}
+        reader = Reader()
         try:
-            for start in range(0, self.numel, per):
-                n = min(per, self.numel - start)
-                parts = []
-                for s in self.sources:
-                    st = s.storage
-                    assert st is not None and st.record is not None
-                    path = st.record.path
-                    if path not in fds:
-                        fds[path] = os.open(path, os.O_RDONLY)
-                    size = s.itemsize
-                    raw = os.pread(fds[path], n * size,
-                                   st.record.data_offset + (s.offset + start) * size)
-                    if len(raw) != n * size:
-                        raise EditError(f"{path}: a tensor's bytes end early (truncated)")
-                    parts.append(raw)
-                out = self.fn(parts)
+            for start in range(0, self.numel, self.chunk_elements):
+                n = min(self.chunk_elements, self.numel - start)
+                out = self.compute(start, n, reader)
                 if len(out) != n * DTYPE_ITEMSIZE[self.dtype]:
                     raise EditError(f"{self.label}: computed {len(out)} bytes for {n} elements")
                 yield out
         finally:
-            for fd in fds.values():
-                os.close(fd)
+            reader.close()
 
     def describe(self) -> str:
         return self.label
@@ -196,5 +210,5 @@ def new_tensor(like: TensorRef, shape: Sequence[int], content: Content, *,
     return TensorRef(Global(func.module, func.name, func.safety), args)
 
 
-__all__ = ["CHUNK_BYTES", "Content", "Derived", "Fill", "Zeros", "is_contiguous", "new_tensor",
-           "pack_scalar"]
+__all__ = ["CHUNK_BYTES", "Content", "Derived", "Fill", "Reader", "Zeros", "is_contiguous",
+           "new_tensor", "pack_scalar"]

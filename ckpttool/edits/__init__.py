@@ -8,7 +8,8 @@ is the edited checkpoint; the checkpoint given is never changed, so edits chain
 * :func:`~.set_lr.set_lr` - the lr the next step uses after a normal resume, schedule scaled;
 * :func:`~.set_hparams.set_hparams` - hyperparameters checked against the optimizer's type;
 * :func:`~.move.move` - device tags of storages (every storage, in opaque objects too);
-* :func:`~.merge_groups.merge_groups` - param groups merged, state and scheduler following.
+* :func:`~.merge_groups.merge_groups` - param groups merged, state and scheduler following;
+* :func:`~.convert.convert` - another optimizer type, running moments carried over.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def parse_value(text: str) -> Any:
 
 
 # the edits themselves (imported last: they use the helpers above)
+from .convert import convert  # noqa: E402
 from .merge_groups import merge_groups  # noqa: E402
 from .move import move  # noqa: E402
 from .set_hparams import set_hparams  # noqa: E402
 from .set_lr import set_lr  # noqa: E402
 
-__all__ = ["ABSENT", "Change", "Plan", "TreeEditor", "as_number", "close", "merge_groups",
+__all__ = ["ABSENT", "Change", "Plan", "TreeEditor", "as_number", "close", "convert", "merge_groups",
            "move", "parse_value", "set_hparams", "set_lr"]
