@@ -90,6 +90,14 @@ def _load(t: TensorRef) -> Values:
     return values
 
 
+def _const(value: float) -> Values:
+    np = _np()
+
+    def values(start: int, n: int, reader: Reader) -> Tensor:
+        return np.full(n, value, dtype=np.float32)
+    return values
+
+
 def _map(fn: Callable[..., Tensor], *parts: Values) -> Values:
     def values(start: int, n: int, reader: Reader) -> Tensor:
         return fn(*(p(start, n, reader) for p in parts))
@@ -146,8 +154,9 @@ def _num(group: dict[str, Any], key: str, default: float) -> float:
 
 
 def read_moments(kind: str, entries: dict[str, Any], group: dict[str, Any],
-                 step: float) -> Moments:
-    """``m`` and ``v`` of one parameter from a source state of type ``kind``."""
+                 step: float, numel: int) -> Moments:
+    """``m`` and ``v`` of one parameter (``numel`` elements) from a source state of type
+    ``kind``."""
     np = _np()
     t = max(step, 1.0)
 
@@ -202,9 +211,29 @@ def read_moments(kind: str, entries: dict[str, Any], group: dict[str, Any],
     # ASGD keeps no moment (eta, mu, ax are averaging state)
     guess = False
     if v is None and m is not None:
-        v = _map(lambda x: x * x, m)  # bounded first steps: |m| / sqrt(v) <= 1
+        # no second moment kept: every element gets the tensor's mean square of m, so the
+        # first updates point where m points, with an rms size of lr (never a division by 0)
+        v = _mean_square(m, numel)
         guess = True
     return Moments(m, v, guess)
+
+
+def _mean_square(m: Values, numel: int) -> Values:
+    """``mean(m ** 2)`` over the whole tensor (one streaming pass, the first time)."""
+    np = _np()
+    cache: list[float] = []
+
+    def values(start: int, n: int, reader: Reader) -> Tensor:
+        if not cache:
+            total = 0.0
+            step = 1 << 20
+            for q in range(0, numel, step):
+                k = min(step, numel - q)
+                x = m(q, k, reader).astype(np.float64)
+                total += float(np.dot(x, x))
+            cache.append(max(total / max(numel, 1), float(np.finfo(np.float32).tiny)))
+        return np.full(n, cache[0], dtype=np.float32)
+    return values
 
 
 # ----------------------------------------------------------------------------- targets
@@ -248,13 +277,13 @@ def target_values(kind: str, key: str, mo: Moments, group: dict[str, Any], t: in
     if key == "sum":
         init = _num(group, "initial_accumulator_value", 0.0)
         return _map(lambda x: x * t + init, v) if v else \
-            (None if init == 0 else _map(lambda: np.float32(init)))
+            (None if init == 0 else _const(init))
     if key == "acc_delta" or key == "ax":
         return None
     if key == "prev":
         return m
-    if key == "step_size":
-        return _num(group, "lr", 1e-2)
+    if key == "step_size":  # Rprop starts every element at lr
+        return _const(_num(group, "lr", 1e-2))
     if key == "eta":
         return _num(group, "lr", 1e-2)
     if key == "mu":
@@ -361,6 +390,13 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
     lr_set = sets.pop("lr", None)
     shapes = _shapes(ckpt, opt)
     if target == "Muon":
+        unknown = [p for p in opt.param_ids if p not in shapes]
+        if unknown:
+            raise EditError(f"Muon takes 2-D parameters only, and the shapes of {len(unknown)} "
+                            f"of the {len(opt.param_ids)} params cannot be told from the "
+                            f"{opt.type} state", path=ckpt.path, pointer=opt.pointer,
+                            hint="convert to AdamW instead, or resume with the optimizer "
+                                 "built anew")
         bad = [p for p in opt.param_ids if p in shapes and len(shapes[p]) != 2]
         if bad:
             names = ", ".join(f"{p} ({n})" if (n := _name_of(opt, p)) else str(p) for p in bad)
@@ -468,7 +504,7 @@ def _convert_entries(ckpt: Checkpoint, opt: OptimizerState, target: str,
     src_step = _step_of(entries)
     t = int(src_step) if src_step is not None else \
         (step if step is not None else default_step(info, group))
-    mo = read_moments(opt.type, entries, src_group, float(src_step or 0))
+    mo = read_moments(opt.type, entries, src_group, float(src_step or 0), math.prod(shape))
     keys = info.state_keys.get(len(shape)) or info.state_keys.get(2) or ()
     for option, extra in info.conditional_state.items():
         key, _, want = option.partition("=")
