@@ -45,6 +45,9 @@ CASES: dict[str, tuple[list[str], int]] = {
     "dry_run_set_amsgrad": (["set", "{F}/optim_adam.pt", "amsgrad=true", "--dry-run"], 0),
     "dry_run_move_cuda0": (["move", "{F}/cuda0.pt", "cpu", "--dry-run"], 0),
     "set_lr_groups_differ": (["set-lr", "{F}/optim_adam.pt", "1e-4"], 1),
+    "dry_run_convert_sgd_to_adam": (["convert", "{F}/imagenet_style.pth", "--to", "adam",
+                                     "--set", "lr=1e-3", "--dry-run"], 0),
+    "convert_to_muon_1d": (["convert", "{F}/optim_adamw_named.pt", "--to", "muon"], 1),
     "set_lr_keep_ratios": (["set-lr", "{T}/optim_adam.pt", "1e-4", "--keep-ratios"], 0),
     "merge_groups_no_names": (["merge-groups", "{F}/hf_trainer/checkpoint-4", "--dry-run"], 1),
 }
