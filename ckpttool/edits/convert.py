@@ -28,7 +28,8 @@ from ..names import param_shape
 from ..newtensors import Derived, Fill, Reader, new_tensor
 from ..tree import join
 from . import Plan, TreeEditor, as_number
-from .set_hparams import _type_ok
+from .set_hparams import type_ok
+from .set_lr import set_lr
 
 if TYPE_CHECKING:
     from numpy import ndarray as Tensor
@@ -384,11 +385,11 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
         if key not in defaults and key not in knowledge.LR_LIKE_GROUP_KEYS:
             raise EditError(f"{target} has no hyperparameter {key!r} (it has "
                             f"{', '.join(defaults)})", key=key, path=ckpt.path)
-        if not _type_ok(defaults.get(key), value):
+        if not type_ok(defaults.get(key), value):
             raise EditError(f"{target}.{key} expects a value like {defaults.get(key)!r}, got "
                             f"{value!r}", key=key, path=ckpt.path)
     lr_set = sets.pop("lr", None)
-    shapes = _shapes(ckpt, opt)
+    shapes = _shapes(opt)
     if target == "Muon":
         unknown = [p for p in opt.param_ids if p not in shapes]
         if unknown:
@@ -445,7 +446,6 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
                      f"{'s' if len(opt.groups) != 1 else ''}, moments {moments}"
                      + (f", step {step}" if step is not None else "") + ")")
     if lr_set is not None:
-        from .set_lr import set_lr
         plan = plan.then(set_lr, float(lr_set), ratios="same", optimizer=opt.pointer)
     return plan
 
@@ -458,7 +458,7 @@ def _name_of(opt: OptimizerState, pid: Any) -> str | None:
     return None
 
 
-def _shapes(ckpt: Checkpoint, opt: OptimizerState) -> dict[Any, tuple[int, ...]]:
+def _shapes(opt: OptimizerState) -> dict[Any, tuple[int, ...]]:
     """Each param's shape as its state shows it."""
     out = {}
     for s in opt.state:

@@ -22,7 +22,9 @@ from ..tree import join
 from . import Plan, TreeEditor, as_number
 
 
-def _type_ok(default: Any, value: Any) -> bool:
+def type_ok(default: Any, value: Any) -> bool:
+    """Is ``value`` of the kind ``default`` is (a bool for a bool, a number for a number, a
+    sequence of the same length for a tuple)? None on either side accepts anything."""
     if default is None or value is None:
         return True
     if isinstance(default, bool):
@@ -92,7 +94,7 @@ def set_hparams(ckpt: Checkpoint, assignments: dict[str, Any], groups: list[int]
                                 hint="pass --force to add it anyway")
             continue
         default = info.defaults.get(key)
-        if not _type_ok(default, value) and not force:
+        if not type_ok(default, value) and not force:
             raise EditError(f"{opt.type}.{key} expects a value like {default!r}, got {value!r}",
                             path=ckpt.path, pointer=opt.pointer, key=key)
     ed = TreeEditor(ckpt, "set")
