@@ -203,6 +203,15 @@ def test_name_keyed_and_folder_sources(tmp_path: Path) -> None:
     assert r.stdout == f"convert: optimizer /optimizer.pt AdamW -> SGD (2 groups, moments carry); wrote {folder}\n"
     opt = ckpttool.open(folder).optimizer()
     assert opt.type == "SGD" and len(opt.state) == 16
+    acc = tmp_path / "acc"
+    shutil.copytree(FIXTURES / "accelerate_state", acc)
+    r = run("convert", acc, "--to", "rmsprop")
+    assert r.stdout == ("convert: optimizer /optimizer.bin AdamW -> RMSprop (1 group, moments "
+                        f"carry); wrote {acc}\n")
+    sd = torch.load(acc / "optimizer.bin")
+    assert all(list(s) == ["step", "square_avg"] for s in sd["state"].values())
+    assert torch.load(acc / "scheduler.bin")["base_lrs"] == \
+        torch.load(FIXTURES / "accelerate_state" / "scheduler.bin")["base_lrs"]
 
 
 # ---------------------------------------------------------------- least squares, steady state
