@@ -10,11 +10,26 @@ Reading never runs code from the file and never imports torch::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .checkpoint import Checkpoint, CheckpointFile
 from .checkpoint import open_checkpoint as open
 from .errors import CkptError, EditError, UnreadableError, UnsafeCheckpointError
 
 __version__ = "0.1.0"
 
-__all__ = ["Checkpoint", "CheckpointFile", "CkptError", "EditError", "UnreadableError",
-           "UnsafeCheckpointError", "open", "__version__"]
+if TYPE_CHECKING:
+    from .checks import Report, check
+
+
+def __getattr__(name: str) -> Any:
+    # check pulls in the edits and tabulate: imported on first use, so `show` and `--help`
+    # start as fast as before
+    if name in ("check", "Report"):
+        from . import checks
+        return getattr(checks, name)
+    raise AttributeError(f"module 'ckpttool' has no attribute {name!r}")
+
+
+__all__ = ["Checkpoint", "CheckpointFile", "CkptError", "EditError", "Report",
+           "UnreadableError", "UnsafeCheckpointError", "check", "open", "__version__"]

@@ -269,6 +269,37 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
 
 @cli.command()
 @click.argument("path", type=click.Path(readable=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (schema 1).")
+@click.option("--deep", is_flag=True,
+              help="Also read every tensor byte: CRCs, NaN/Inf, negative second moments.")
+@click.option("--strict", is_flag=True, help="Warnings fail too (exit 1).")
+@click.option("--optimizer", metavar="POINTER", help="Only the optimizer at this pointer.")
+def check(path: str, as_json: bool, deep: bool, strict: bool, optimizer: str | None) -> None:
+    """Check a checkpoint before a resume: structure, shapes, hyperparameters, steps,
+    schedulers, devices, what torch.load will refuse, and a load test into the real optimizer.
+    Exit 0 when nothing fails (1 with a FAIL, or a WARN under --strict).
+
+    Example: ckpttool check ckpt.pth
+    """
+    from .checks import FAIL, WARN
+    from .checks import check as run_check
+    from .errors import ExitCode
+
+    def go() -> None:
+        report = run_check(path, pointer=optimizer, deep=deep)
+        if as_json:
+            click.echo(json.dumps(report.to_json(), indent=2))
+        else:
+            click.echo(report.render())
+        if any(f.id == "unsafe" for f in report.findings):
+            sys.exit(int(ExitCode.UNSAFE))
+        failed = report.count(FAIL) or (strict and report.count(WARN))
+        sys.exit(int(ExitCode.ERROR) if failed else 0)
+    _run(go)
+
+
+@cli.command()
+@click.argument("path", type=click.Path(readable=False))
 @click.option("--to", "target", required=True, metavar="NAME",
               help="Target optimizer class (SGD, Adam, AdamW, Adagrad, ..., case-insensitive).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",

@@ -60,6 +60,7 @@ class OptimizerState:
     names_source: str | None = None  # where the names come from, when there are names
     names_note: str | None = None  # why there are no names (or only some)
     model_order: dict[ParamId, int] | None = None  # param id -> position in model.parameters()
+    names_model: str | None = None  # pointer of the model the names belong to, when known
 
     @property
     def type(self) -> str:

@@ -142,6 +142,7 @@ def attach_names(opt: OptimizerState, models: list[ModelState]) -> None:
                 ids = {p: n for g in opt.groups for p, n in zip(g.params, g.param_names)}
                 if all(n in pos for n in ids.values()):
                     opt.model_order = {p: pos[n] for p, n in ids.items()}  # type: ignore[index]
+                    opt.names_model = m.pointer
                     break
         return
     if not models:
@@ -178,6 +179,7 @@ def attach_names(opt: OptimizerState, models: list[ModelState]) -> None:
     model, assignment = results[0]
     params = model_parameters(model)
     opt.model_order = {}
+    opt.names_model = model.pointer
     for g, idxs in zip(opt.groups, assignment):
         g.param_names = [params[i][0] for i in idxs]
         opt.model_order.update(zip(g.params, idxs))

@@ -456,14 +456,20 @@ def _infer_with_extra_keys(infos: list[OptimizerInfo], seen_g: frozenset[str],
     for info in infos:
         expected = info.hyperparameter_keys - set(IGNORED_GROUP_KEYS) - \
             scheduler_added_group_keys()
-        if not (expected - info.flag_keys) <= seen_g or not seen_s <= info.possible_state_keys:
+        if not seen_s <= info.possible_state_keys:
             continue
         if seen_s and info.step is not None and "step" not in seen_s:
+            continue
+        # a required key may be missing (a damaged state) only when the state entries name
+        # the type on their own: all of its unconditional state keys are there
+        lacking = (expected - info.flag_keys) - seen_g
+        if lacking and not (seen_s and info.unconditional_state_keys <= seen_s
+                            and len(lacking) <= 2):
             continue
         extra = sorted(seen_g - expected)
         if len(extra) > MAX_EXTRA_GROUP_KEYS or "step" in extra:
             continue
-        missing = len(expected - seen_g)
+        missing = len(expected - seen_g) + 10 * len(lacking)
         evidence = -len(info.unconditional_state_keys & seen_s)
         scored.append(((len(extra), missing, evidence), info, extra))
     if not scored:
@@ -472,8 +478,15 @@ def _infer_with_extra_keys(infos: list[OptimizerInfo], seen_g: frozenset[str],
     top = [s for s in scored if s[0] == best]
     ordered, notes = _disambiguate([s[1].name for s in top], seen_s, group_values)
     extra = next(s[2] for s in top if s[1].name == ordered[0])
-    reason = (f"group keys of {ordered[0]} plus extra keys {', '.join(extra)}"
-              + ("; state keys fit" if seen_s else ""))
+    info0 = optimizer_info(ordered[0])
+    lacking0 = sorted((info0.hyperparameter_keys - info0.flag_keys
+                       - set(IGNORED_GROUP_KEYS) - scheduler_added_group_keys()) - seen_g)
+    reason = f"group keys of {ordered[0]}"
+    if extra:
+        reason += f" plus extra keys {', '.join(extra)}"
+    if lacking0:
+        reason += f", missing {', '.join(lacking0)}"
+    reason += "; state keys fit" if seen_s else ""
     if len(ordered) > 1:
         reason += f"; ambiguous between {', '.join(ordered)}"
     if notes:

@@ -1,0 +1,690 @@
+"""``check``: the pre-resume sanity check, as small independent checks over an opened checkpoint.
+
+Each check is a function from a :class:`Context` to findings, registered in :data:`CHECKS` with
+the stable ids it can report (documented in the README). The load test is the only check that
+imports torch (it builds the optimizer over ``meta`` params and takes one step).
+
+    report = ckpttool.check("ckpt.pth")           # or check("ckpt.pth", deep=True)
+    if not report.ok:
+        print(report.render())
+    report.raise_for_problems()   # CheckFailed listing the FAIL findings
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tabulate import tabulate
+
+from . import knowledge
+from .checkpoint import Checkpoint, open_checkpoint
+from .edits import as_number
+from .errors import CkptError
+from .formats.nodes import TensorRef
+from .formats.safety import ALLOWED
+from .locate import OptimizerState
+from .names import model_parameters, param_shape
+from .pairing import group_count, pair
+from .tree import join
+
+FAIL, WARN, INFO = "FAIL", "WARN", "INFO"
+_ORDER = {FAIL: 0, WARN: 1, INFO: 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing ``check`` found: a stable ``id``, a ``level`` (FAIL / WARN / INFO), the
+    JSON Pointer it concerns, what is wrong and the fix (often a ckpttool command)."""
+
+    id: str
+    level: str
+    pointer: str
+    message: str
+    hint: str = ""
+
+
+class CheckFailed(CkptError):
+    """``Report.raise_for_problems``: the checkpoint would not resume as it should."""
+
+
+@dataclass
+class Report:
+    """The findings of a check, most severe first."""
+
+    path: str
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No FAIL finding."""
+        return not any(f.level == FAIL for f in self.findings)
+
+    def count(self, level: str) -> int:
+        return sum(f.level == level for f in self.findings)
+
+    def raise_for_problems(self, strict: bool = False) -> None:
+        """Raise :class:`CheckFailed` if a finding is a FAIL (or a WARN, with ``strict``)."""
+        bad = [f for f in self.findings if f.level == FAIL or (strict and f.level == WARN)]
+        if bad:
+            raise CheckFailed("; ".join(f"{f.id} at {f.pointer or '(root)'}: {f.message}"
+                                        for f in bad), path=self.path)
+
+    def summary(self) -> str:
+        verdict = "ok" if self.ok else "FAILED"
+        return (f"check {verdict}: {self.count(FAIL)} fail, {self.count(WARN)} warn, "
+                f"{self.count(INFO)} info")
+
+    def render(self) -> str:
+        """A table of the findings and one summary line."""
+        rows = [[f.level, f.id, f.pointer or "(root)", f.message, f.hint] for f in self.findings]
+        table = tabulate(rows, ["level", "id", "pointer", "message", "hint"],
+                         maxcolwidths=[None, None, 40, 60, 50]) if rows else "no findings"
+        return f"{table}\n{self.summary()}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema": 1, "path": self.path, "ok": self.ok,
+                "counts": {lv: self.count(lv) for lv in (FAIL, WARN, INFO)},
+                "findings": [vars(f) for f in self.findings]}
+
+
+@dataclass
+class Context:
+    """What the checks look at."""
+
+    ckpt: Checkpoint
+    optimizers: list[OptimizerState]
+    load_test: bool = True
+    deep: bool = False
+    model: Any = None  # a live torch.nn.Module to compare with, if given
+    live_optimizer: Any = None  # a live torch.optim.Optimizer to compare with, if given
+
+
+Check = Callable[[Context], Iterator[Finding]]
+
+
+# ------------------------------------------------------------------------------- structure
+
+def check_structure(ctx: Context) -> Iterator[Finding]:
+    for opt in ctx.optimizers:
+        seen: dict[Any, int] = {}
+        for g in opt.groups:
+            for p in g.params:
+                if p in seen:
+                    yield Finding("param-in-two-groups", FAIL,
+                                  join(join(opt.pointer, "param_groups"), g.index),
+                                  f"param {p} is listed in groups {seen[p]} and {g.index}",
+                                  "the state dict is corrupt; restore it from another save")
+                seen.setdefault(p, g.index)
+            names = opt.raw["param_groups"][g.index].get("param_names")
+            if isinstance(names, list) and len(names) != len(g.params):
+                yield Finding("param-names-length", FAIL,
+                              join(join(join(opt.pointer, "param_groups"), g.index),
+                                   "param_names"),
+                              f"{len(names)} param_names for {len(g.params)} params", "")
+        orphans = [s.param for s in opt.state if s.group is None]
+        if orphans:
+            yield Finding("orphan-state", FAIL, join(opt.pointer, "state"),
+                          f"state for param ids {orphans} that no group lists (torch keeps it "
+                          "and never uses it; it may belong to a param the groups lost)",
+                          "check how the optimizer was built; merge-groups refuses such state")
+        with_state = {s.param for s in opt.state if s.entries}
+        missing = [p for p in opt.param_ids if p not in with_state]
+        if missing and opt.type not in ("SGD", "LBFGS", knowledge.UNKNOWN) and with_state:
+            names = {p: n for g in opt.groups for p, n in zip(g.params, g.param_names)}
+            shown = ", ".join(f"{p} ({names[p]})" if names.get(p) else str(p)
+                              for p in missing[:8])
+            yield Finding("no-state", INFO, join(opt.pointer, "state"),
+                          f"{len(missing)} params have no state (frozen or unused so far): "
+                          f"{shown}{', ...' if len(missing) > 8 else ''}",
+                          "torch creates it when they first get a gradient")
+
+
+# ------------------------------------------------------------------------------- shapes
+
+def check_shapes(ctx: Context) -> Iterator[Finding]:
+    models = {m.pointer: m for m in ctx.ckpt.models}
+    for opt in ctx.optimizers:
+        if opt.type in ("LBFGS", knowledge.UNKNOWN):
+            continue
+        model = models.get(opt.names_model) if opt.names_model is not None else None
+        if model is not None:
+            yield from _shapes_by_name(opt, model.tensors)
+            continue
+        ordered = [m for m in models.values() if m.ordered]
+        if len(ordered) == 1 and len(ctx.ckpt.optimizers) == 1:
+            n_model = len(model_parameters(ordered[0]))
+            if len(opt.param_ids) > n_model:
+                yield Finding("param-count", FAIL, opt.pointer,
+                              f"the optimizer lists {len(opt.param_ids)} params but the model "
+                              f"{ordered[0].pointer} has {n_model} parameter tensors",
+                              "a group holds params the model does not have; rebuild the "
+                              "optimizer or restore a matching save")
+                continue
+        if len(opt.groups) == 1 and len(ordered) == 1:
+            yield from _shapes_by_position(opt, model_parameters(ordered[0]))
+        elif opt.state and ordered:
+            yield Finding("shapes-unchecked", INFO, opt.pointer,
+                          "state shapes were not compared with the model: "
+                          + (opt.names_note or "parameter names are unknown"), "")
+
+
+def _shapes_by_name(opt: OptimizerState, tensors: dict[str, Any]) -> Iterator[Finding]:
+    for s in opt.state:
+        shape = param_shape(opt.type, s.entries)
+        t = tensors.get(s.name) if s.name else None
+        if shape is None or t is None:
+            continue
+        ptr = join(join(opt.pointer, "state"), s.param)
+        if tuple(t.shape) != shape:
+            yield Finding("state-shape", FAIL, ptr,
+                          f"state of {s.name} has shape {list(shape)} but the param has "
+                          f"{list(t.shape)}",
+                          "the params were reordered or resized since the save; do not resume "
+                          "this state onto them")
+        moment = next((x for k, x in s.entries.items() if k != "step"
+                       and isinstance(x, TensorRef) and x.shape), None)
+        if moment is not None and moment.dtype != t.dtype and t.dtype.startswith(
+                ("float", "bfloat")):
+            yield Finding("state-dtype", INFO, ptr,
+                          f"state of {s.name} is {moment.dtype}, the param {t.dtype}: "
+                          f"torch casts the state to {t.dtype} at load", "")
+
+
+def _shapes_by_position(opt: OptimizerState, params: list[tuple[str, tuple[int, ...]]]
+                        ) -> Iterator[Finding]:
+    """One group and no names: torch pairs state and params by position, as here."""
+    ids = opt.param_ids
+    if len(params) != len(ids):
+        return
+    state = {s.param: s for s in opt.state}
+    for pos, pid in enumerate(ids):
+        s = state.get(pid)
+        shape = param_shape(opt.type, s.entries) if s else None
+        if shape is not None and shape != params[pos][1]:
+            yield Finding("state-shape", FAIL, join(join(opt.pointer, "state"), pid),
+                          f"param {pid} is position {pos} of the group, which is "
+                          f"{params[pos][0]} {list(params[pos][1])} in the model, but its state "
+                          f"has shape {list(shape)}",
+                          "the param order differs from the model's: the state would land on "
+                          "the wrong parameters")
+
+
+# ------------------------------------------------------------------------------- hyperparameters
+
+_RANGES: dict[str, Callable[[Any], bool]] = {
+    "lr": lambda x: x >= 0 and math.isfinite(x),
+    "eps": lambda x: x > 0 and math.isfinite(x),
+    "momentum": lambda x: 0 <= x < 1,
+    "dampening": lambda x: 0 <= x <= 1,
+    "alpha": lambda x: 0 <= x < 1,
+    "rho": lambda x: 0 <= x < 1,
+    "weight_decay": lambda x: x >= 0 and math.isfinite(x),
+    "lr_decay": lambda x: x >= 0,
+}
+
+
+def check_hyperparameters(ctx: Context) -> Iterator[Finding]:
+    for opt in ctx.optimizers:
+        if opt.type == knowledge.UNKNOWN:
+            yield Finding("unknown-optimizer", WARN, opt.pointer,
+                          f"the optimizer type is not a torch.optim class ({opt.guess.reason})",
+                          "checks that need the type were skipped")
+            continue
+        info = knowledge.optimizer_info(opt.type)
+        required = [k for k in info.defaults if k not in info.flag_keys]
+        for g in opt.groups:
+            ptr = join(join(opt.pointer, "param_groups"), g.index)
+            hp = g.hyperparameters
+            for k in required:
+                if k not in hp:
+                    yield Finding("missing-hyperparameter", FAIL, join(ptr, k),
+                                  f"{opt.type} reads {k!r} at every step and group {g.index} "
+                                  "has none (torch would raise KeyError at the first step)",
+                                  f"ckpttool set PATH {k}={_fmt(info.defaults[k])} --group "
+                                  f"{g.index}")
+            for k, ok in _RANGES.items():
+                x = as_number(hp.get(k))
+                if x is not None and not ok(x):
+                    yield Finding("hyperparameter-range", FAIL, join(ptr, k),
+                                  f"{k} = {x!r} is out of range", f"ckpttool set PATH {k}=...")
+            betas = hp.get("betas")
+            if isinstance(betas, (tuple, list)):
+                for b in betas:
+                    x = as_number(b)
+                    if x is not None and not 0 <= x < 1:
+                        yield Finding("hyperparameter-range", FAIL, join(ptr, "betas"),
+                                      f"betas = {tuple(betas)!r}: each must be in [0, 1)",
+                                      "ckpttool set PATH betas=0.9,0.999")
+                        break
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+# ------------------------------------------------------------------------------- steps
+
+def _steps(opt: OptimizerState) -> dict[Any, float]:
+    out = {}
+    for s in opt.state:
+        step = s.entries.get("step")
+        x = as_number(step) if not isinstance(step, int) or isinstance(step, bool) \
+            else float(step)
+        if x is not None:
+            out[s.param] = x
+    return out
+
+
+def check_steps(ctx: Context) -> Iterator[Finding]:
+    root = ctx.ckpt.root
+    trainer_step = None
+    if isinstance(root, dict):
+        gs = root.get("global_step")
+        state = root.get("trainer_state.json")
+        if isinstance(state, dict):
+            gs = state.get("global_step", gs)
+        trainer_step = gs if isinstance(gs, int) and not isinstance(gs, bool) else None
+    for opt in ctx.optimizers:
+        steps = _steps(opt)
+        if not steps:
+            continue
+        values = sorted(set(steps.values()))
+        if len(values) > 1:
+            by = {v: [p for p, x in steps.items() if x == v] for v in values}
+            yield Finding("unequal-steps", WARN, join(opt.pointer, "state"),
+                          "params are at different steps: " + "; ".join(
+                              f"step {v:g}: {len(ps)} params" for v, ps in by.items()),
+                          "expected only when some params were frozen for a while; bias "
+                          "corrections differ per param")
+        top = max(values)
+        for s in pair(ctx.ckpt.optimizers, ctx.ckpt.schedulers, opt).candidates:
+            if not s.known:
+                continue
+            last = s.raw.get("last_epoch")
+            if isinstance(last, int) and last not in (int(top), int(top) - 1) and \
+                    s.raw.get("_step_count") is not None and last > int(top):
+                yield Finding("step-vs-scheduler", WARN, join(s.pointer, "last_epoch"),
+                              f"the scheduler is at last_epoch {last} but the optimizer at "
+                              f"step {top:g}: the schedule ran ahead of the optimizer",
+                              "check that the scheduler was saved with this optimizer")
+        if trainer_step is not None and top > trainer_step * 1.0 + 1 and len(ctx.optimizers) == 1:
+            yield Finding("step-vs-trainer", WARN, join(opt.pointer, "state"),
+                          f"the optimizer is at step {top:g} but the trainer's global_step is "
+                          f"{trainer_step}", "check that these files come from the same save")
+
+
+# ------------------------------------------------------------------------------- schedulers
+
+def check_schedulers(ctx: Context) -> Iterator[Finding]:
+    for s in ctx.ckpt.schedulers:
+        if not s.known:
+            yield Finding("unknown-scheduler", WARN, s.pointer,
+                          f"a scheduler of a type ckpttool does not know ({s.reason})",
+                          "set-lr and convert cannot keep it consistent; edit it yourself")
+    for opt in ctx.optimizers:
+        n = len(opt.groups)
+        found = pair(ctx.ckpt.optimizers, ctx.ckpt.schedulers, opt)
+        for s in ctx.ckpt.schedulers:
+            count = group_count(s)
+            if s.known and count is not None and count != n and len(ctx.ckpt.optimizers) == 1:
+                yield Finding("scheduler-lists", FAIL, s.pointer,
+                              f"the scheduler keeps {count} per-group entries but the optimizer "
+                              f"has {n} groups",
+                              "the groups changed since the scheduler was saved")
+        sched = found.scheduler
+        if sched is None or not sched.known:
+            continue
+        last = sched.raw.get("_last_lr")
+        if isinstance(last, list) and len(last) == n:
+            for g in opt.groups:
+                x, y = as_number(last[g.index]), as_number(g.hyperparameters.get("lr"))
+                if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-6,
+                                                                        abs_tol=1e-12):
+                    yield Finding("last-lr", WARN, join(join(sched.pointer, "_last_lr"),
+                                                        g.index),
+                                  f"the scheduler's _last_lr {x:g} differs from group "
+                                  f"{g.index}'s lr {y:g}: the next scheduler step recomputes "
+                                  "the lr from its own state",
+                                  "ckpttool set-lr PATH LR scales both consistently")
+        base = sched.raw.get("base_lrs")
+        if isinstance(base, list) and len(base) == n:
+            for g in opt.groups:
+                x, y = as_number(base[g.index]), as_number(g.hyperparameters.get("initial_lr"))
+                if x is not None and y is not None and not math.isclose(x, y, rel_tol=1e-6):
+                    yield Finding("base-lrs", WARN, join(join(sched.pointer, "base_lrs"),
+                                                         g.index),
+                                  f"base_lrs {x:g} differs from group {g.index}'s initial_lr "
+                                  f"{y:g}", "ckpttool set-lr PATH LR --base-lr")
+
+
+# ------------------------------------------------------------------------------- devices
+
+def check_devices(ctx: Context) -> Iterator[Finding]:
+    cuda = [u for u in ctx.ckpt.storages if u.storage.location.startswith("cuda")]
+    if cuda:
+        import torch
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = sorted({u.storage.location for u in cuda})
+        over = [d for d in wanted if (int(d.split(":")[1]) if ":" in d else 0) >= have]
+        if over:
+            yield Finding("cuda-unavailable", FAIL, cuda[0].pointer,
+                          f"{len(cuda)} storages are tagged {', '.join(wanted)} and this machine "
+                          f"has {have} CUDA device{'s' if have != 1 else ''}: torch.load without "
+                          "map_location fails",
+                          f"ckpttool move {ctx.ckpt.path} cpu")
+    for opt in ctx.optimizers:
+        for s in opt.state:
+            step = s.entries.get("step")
+            if not isinstance(step, TensorRef) or s.group is None:
+                continue
+            hp = opt.groups[s.group].hyperparameters
+            on_device = bool(hp.get("capturable") or hp.get("fused"))
+            if step.device != "cpu" and not on_device:
+                yield Finding("step-device", WARN, join(join(opt.pointer, "state"), s.param),
+                              f"step is on {step.device} but the group is neither capturable "
+                              "nor fused (torch keeps such steps on the CPU)",
+                              f"ckpttool move {ctx.ckpt.path} cpu --pointer "
+                              f"{join(join(join(opt.pointer, 'state'), s.param), 'step')}")
+                break
+
+
+# ------------------------------------------------------------------------------- loading
+
+def check_loading(ctx: Context) -> Iterator[Finding]:
+    if ctx.ckpt.unsafe:
+        yield Finding("unsafe", FAIL, "", "the file references "
+                      + ", ".join(ctx.ckpt.unsafe_globals) + ", which would run code when "
+                      "loaded", "do not torch.load it with weights_only=False")
+    refused = sorted({q for f in ctx.ckpt.files if f.format in ("torch-zip", "torch-legacy")
+                      for q, g in f.globals.items()
+                      if g.safety != "dangerous" and _norm(q) not in _allowed()})
+    if refused:
+        yield Finding("weights-only", WARN, "",
+                      "torch.load(weights_only=True), the default since torch 2.6, refuses "
+                      "these globals: " + ", ".join(refused),
+                      "load with torch.serialization.add_safe_globals([...]) for classes you "
+                      "trust, or weights_only=False for a file you trust")
+
+
+def _norm(q: str) -> str:
+    return "builtins." + q.split(".", 1)[1] if q.startswith("__builtin__.") else q
+
+
+def _allowed() -> frozenset[str]:
+    try:  # the installed torch's own list, when torch is there
+        from torch._weights_only_unpickler import _get_allowed_globals
+        return frozenset(_get_allowed_globals()) | ALLOWED
+    except ImportError:
+        return ALLOWED
+
+
+# ------------------------------------------------------------------------------- load test
+
+def check_load_test(ctx: Context) -> Iterator[Finding]:
+    if not ctx.load_test:
+        return
+    import torch
+    for opt in ctx.optimizers:
+        if opt.type in (knowledge.UNKNOWN, "LBFGS"):
+            continue
+        if any(isinstance(p, str) for p in opt.param_ids):
+            continue  # name-keyed: torch's load_state_dict takes int ids
+        state = {s.param: s for s in opt.state}
+        params: list[Any] = []
+        groups = []
+        for g in opt.groups:
+            ps = []
+            for pid in g.params:
+                s = state.get(pid)
+                shape = param_shape(opt.type, s.entries) if s else None
+                ps.append(torch.empty(shape if shape is not None else (1,), device="meta"))
+            params += ps
+            groups.append({"params": ps})
+        try:
+            cls = getattr(torch.optim, opt.type)
+            optim = cls(groups, lr=0.1) if opt.type == "SGD" else cls(groups)
+            optim.load_state_dict(_meta_state_dict(opt))
+            for p in params:
+                p.grad = torch.empty_like(p)
+            if opt.type != "SparseAdam":
+                optim.step()
+        except Exception as e:  # torch's own error is the finding
+            if "meta" in str(e) and "item" in str(e):
+                continue  # the step needs values (Adafactor's norm): not a checkpoint problem
+            yield Finding("load-test", FAIL, opt.pointer,
+                          f"torch.optim.{opt.type} over params of these shapes refuses the "
+                          f"state: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                          "fix the finding above that explains it, or rebuild the optimizer")
+
+
+def _meta_state_dict(opt: OptimizerState) -> dict[str, Any]:
+    import torch
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, TensorRef):
+            if not v.shape and isinstance(v.value, (int, float)):
+                return torch.tensor(v.value, dtype=getattr(torch, v.dtype, torch.float32))
+            return torch.empty(v.shape, device="meta",
+                               dtype=getattr(torch, v.dtype, torch.float32))
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(conv(x) for x in v)
+        return v
+    return {"state": {k: conv(v) for k, v in opt.raw["state"].items()},
+            "param_groups": [conv(g) for g in opt.raw["param_groups"]]}
+
+
+# ------------------------------------------------------------------------------- --deep
+
+def check_deep(ctx: Context) -> Iterator[Finding]:
+    """Read every tensor byte once (streaming): record CRCs, NaN/Inf in params and optimizer
+    state, negative second moments, all-zero moments."""
+    if not ctx.deep:
+        return
+    import zlib
+
+    import numpy as np
+    from .edits.convert import decode
+    for f in ctx.ckpt.files:
+        if f.archive is None:
+            continue
+        fd = os.open(f.path, os.O_RDONLY)
+        try:
+            for rec in f.archive.records.values():
+                if rec.method != 0 or rec.crc == 0:
+                    continue
+                crc, left, off = 0, rec.size, rec.data_offset
+                while left:
+                    chunk = os.pread(fd, min(left, 8 << 20), off)
+                    if not chunk:
+                        break
+                    crc = zlib.crc32(chunk, crc)
+                    left -= len(chunk)
+                    off += len(chunk)
+                if crc != rec.crc:
+                    yield Finding("crc", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
+                                  f"record {rec.name} of {f.path} fails its CRC check: its bytes "
+                                  "changed after the save (torch.load does not check)",
+                                  "restore the file from another copy")
+        finally:
+            os.close(fd)
+    reader = None
+    from .newtensors import Reader, is_contiguous
+    reader = Reader()
+    try:
+        for ptr, t in _float_tensors(ctx):
+            if not is_contiguous(t):
+                continue
+            bad = neg = nonzero = 0
+            for start in range(0, t.numel, 1 << 22):
+                n = min(1 << 22, t.numel - start)
+                x = decode(reader.read(t, start, n), t.dtype)
+                bad += int(n - np.isfinite(x).sum())
+                nonzero += int(np.count_nonzero(x))
+                if ptr.endswith(("exp_avg_sq", "square_avg", "/sum", "max_exp_avg_sq")):
+                    neg += int((x < 0).sum())
+            if bad:
+                yield Finding("nan-inf", FAIL, ptr, f"{bad} of {t.numel} values are NaN or Inf",
+                              "the run diverged before this save; resume from an earlier one")
+            if neg:
+                yield Finding("negative-second-moment", FAIL, ptr,
+                              f"{neg} values of a second moment are negative", "")
+            if not nonzero and "/state/" in ptr and not ptr.endswith("/step") and t.numel > 1:
+                yield Finding("zero-moment", INFO, ptr, "all values are 0", "")
+    finally:
+        reader.close()
+
+
+def _float_tensors(ctx: Context) -> Iterator[tuple[str, TensorRef]]:
+    from .tree import tensors
+    seen: set[int] = set()
+    roots = [(o.pointer, ctx.ckpt.resolve(o.pointer)) for o in ctx.ckpt.optimizers] + \
+        [(m.pointer, ctx.ckpt.resolve(m.pointer)) for m in ctx.ckpt.models]
+    for base, root in roots:  # params and optimizer state, not metrics (a best score of inf)
+        for ptr, t, _ in tensors(root, base):
+            st = getattr(t, "storage", None)
+            if isinstance(t, TensorRef) and t.dtype in ("float32", "float64", "float16",
+                                                        "bfloat16") and id(t) not in seen \
+                    and st is not None and st.record is not None:
+                seen.add(id(t))
+                yield ptr, t
+
+
+# ------------------------------------------------------------------------------- live objects
+
+def check_live(ctx: Context) -> Iterator[Finding]:
+    """Compare the saved state with the model and optimizer about to load it, position by
+    position, as torch's load_state_dict will pair them."""
+    if ctx.model is None and ctx.live_optimizer is None:
+        return
+    live_names = {id(p): n for n, p in ctx.model.named_parameters()} \
+        if ctx.model is not None else {}
+    if ctx.model is not None:
+        yield from _live_model(ctx)
+    if ctx.live_optimizer is None:
+        return
+    if len(ctx.optimizers) != 1:
+        yield Finding("live-optimizer", WARN, "", f"the checkpoint has {len(ctx.optimizers)} "
+                      "optimizers; pass optimizer= to say which one the live optimizer loads", "")
+        return
+    saved = ctx.optimizers[0]
+    live = ctx.live_optimizer.param_groups
+    if len(live) != len(saved.groups):
+        yield Finding("live-groups", FAIL, join(saved.pointer, "param_groups"),
+                      f"the live optimizer has {len(live)} param groups, the saved one "
+                      f"{len(saved.groups)}: load_state_dict will refuse it",
+                      "build the optimizer with the saved grouping, or merge-groups the save")
+        return
+    state = {s.param: s for s in saved.state}
+    for sg, lg in zip(saved.groups, live):
+        gptr = join(join(saved.pointer, "param_groups"), sg.index)
+        lp = lg["params"]
+        if len(lp) != len(sg.params):
+            extra = [live_names.get(id(p)) or f"#{i}" for i, p in enumerate(lp)][len(sg.params):]
+            yield Finding("live-group-size", FAIL, gptr,
+                          f"group {sg.index} has {len(lp)} params now and {len(sg.params)} in the "
+                          "save (a layer unfrozen or added since?)"
+                          + (f"; the live group ends with {', '.join(extra)}" if extra else ""),
+                          "build this group as it was saved, then add the new params with "
+                          "optimizer.add_param_group after loading")
+            continue
+        moved, resized = [], []
+        for pos, (p, pid) in enumerate(zip(lp, sg.params)):
+            lname, sname = live_names.get(id(p)), sg.param_names[pos]
+            s = state.get(pid)
+            shape = param_shape(saved.type, s.entries) if s else None
+            if lname and sname and lname != sname:
+                moved.append(f"position {pos}: {lname} now, {sname} saved")
+            elif shape is not None and tuple(p.shape) != shape:
+                resized.append(f"position {pos} ({lname or 'unnamed'}): {list(p.shape)} now, "
+                               f"state {list(shape)}")
+        if moved:
+            yield Finding("live-order", FAIL, gptr,
+                          f"group {sg.index} lists its params in another order ("
+                          + "; ".join(moved[:4]) + ("; ..." if len(moved) > 4 else "")
+                          + "): their state would load onto the wrong params",
+                          "build the optimizer's groups in the saved order")
+        if resized:
+            yield Finding("live-shape", FAIL, gptr,
+                          f"group {sg.index} has params whose shapes differ from their saved "
+                          "state (" + "; ".join(resized[:4])
+                          + ("; ..." if len(resized) > 4 else "") + ")",
+                          "the params were reordered or resized since the save")
+
+
+def _live_model(ctx: Context) -> Iterator[Finding]:
+    ordered = [m for m in ctx.ckpt.models if m.ordered]
+    if len(ordered) != 1:
+        return
+    saved = model_parameters(ordered[0])
+    live = [(n, tuple(p.shape)) for n, p in ctx.model.named_parameters()]
+    saved_names = [n for n, _ in saved]
+    live_names = [n for n, _ in live]
+    if sorted(saved_names) == sorted(live_names) and saved_names != live_names:
+        first = next(i for i, (a, b) in enumerate(zip(saved_names, live_names)) if a != b)
+        yield Finding("live-model-order", FAIL, ordered[0].pointer,
+                      f"the live model lists its parameters in another order (position {first}: "
+                      f"{live_names[first]} now, {saved_names[first]} saved): an optimizer built "
+                      "from model.parameters() pairs the saved state with the wrong params",
+                      "register the layers in the saved order, or build the optimizer from "
+                      "named parameters in the saved order")
+    elif set(saved_names) != set(live_names):
+        added = sorted(set(live_names) - set(saved_names))
+        gone = sorted(set(saved_names) - set(live_names))
+        yield Finding("live-model-params", WARN, ordered[0].pointer,
+                      "the live model's parameters differ from the saved model's"
+                      + (f"; new: {', '.join(added[:6])}" if added else "")
+                      + (f"; gone: {', '.join(gone[:6])}" if gone else ""), "")
+
+
+CHECKS: list[Check] = [check_loading, check_structure, check_shapes, check_hyperparameters,
+                       check_steps, check_schedulers, check_devices, check_load_test,
+                       check_deep, check_live]
+
+
+def check(source: str | os.PathLike[str] | Checkpoint | dict[str, Any], model: Any = None,
+          optimizer: Any = None, *, pointer: str | None = None, load_test: bool = True,
+          deep: bool = False) -> Report:
+    """Check a checkpoint before a resume.
+
+    Args:
+        source: a path (file or folder), an opened :class:`Checkpoint`, or a state dict in
+            memory (what ``torch.load`` returned; it is serialized to a temporary file with
+            ``torch.save`` and read back like any file).
+        model: the live ``nn.Module`` about to load it: its parameter order and shapes are
+            compared with the saved ones.
+        optimizer: the live optimizer about to load it: its groups, their sizes, the params'
+            names and shapes are compared with the saved state position by position.
+        pointer: only the saved optimizer at this JSON Pointer.
+        load_test: build each optimizer over ``meta`` params and load the state into it.
+        deep: also read every tensor byte (CRCs, NaN / Inf, negative second moments).
+
+    Returns:
+        A :class:`Report`: ``ok``, ``findings`` (most severe first), ``raise_for_problems()``.
+    """
+    if isinstance(source, dict):
+        import tempfile
+
+        import torch
+        with tempfile.TemporaryDirectory(prefix="ckpttool-check-") as tmp:
+            path = os.path.join(tmp, "state.pt")
+            torch.save(source, path)
+            report = check(path, model, optimizer, pointer=pointer, load_test=load_test,
+                           deep=deep)
+            report.path = "<state dict in memory>"
+            return report
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source)
+    opts = [ckpt.optimizer(pointer)] if pointer is not None else ckpt.optimizers
+    ctx = Context(ckpt, opts, load_test, deep, model, optimizer)
+    findings: list[Finding] = []
+    for c in CHECKS:
+        findings.extend(c(ctx))
+    findings.sort(key=lambda f: _ORDER[f.level])
+    return Report(ckpt.path, findings)
