@@ -483,78 +483,79 @@ def _meta_state_dict(opt: OptimizerState) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- --deep
 
+_SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "/sum")
+
+
 def check_deep(ctx: Context) -> Iterator[Finding]:
-    """Read every tensor byte once (streaming): record CRCs, NaN/Inf in params and optimizer
-    state, negative second moments, all-zero moments."""
+    """Read every record once (streaming, 8 MB at a time): its CRC, and for the storages of
+    params and optimizer state (not metrics: a best score may well be inf) NaN / Inf, negative
+    second moments and all-zero moments."""
     if not ctx.deep:
         return
     import zlib
 
     import numpy as np
+
     from .edits.convert import decode
+    watched = _watched_storages(ctx)
     for f in ctx.ckpt.files:
         if f.archive is None:
             continue
         fd = os.open(f.path, os.O_RDONLY)
         try:
             for rec in f.archive.records.values():
-                if rec.method != 0 or rec.crc == 0:
+                if rec.method != 0:
                     continue
-                crc, left, off = 0, rec.size, rec.data_offset
-                while left:
-                    chunk = os.pread(fd, min(left, 8 << 20), off)
+                info = watched.get(id(rec))
+                crc, done, bad, neg, nonzero = 0, 0, 0, 0, 0
+                while done < rec.size:
+                    chunk = os.pread(fd, min(rec.size - done, 8 << 20), rec.data_offset + done)
                     if not chunk:
                         break
                     crc = zlib.crc32(chunk, crc)
-                    left -= len(chunk)
-                    off += len(chunk)
-                if crc != rec.crc:
+                    done += len(chunk)
+                    if info is not None:
+                        x = decode(chunk, info[1])
+                        bad += int(x.size - np.count_nonzero(np.isfinite(x)))
+                        nonzero += int(np.count_nonzero(x))
+                        if info[0].endswith(_SECOND_MOMENTS):
+                            neg += int(np.count_nonzero(x < 0))
+                if rec.crc and crc != rec.crc:
                     yield Finding("crc", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
                                   f"record {rec.name} of {f.path} fails its CRC check: its bytes "
                                   "changed after the save (torch.load does not check)",
                                   "restore the file from another copy")
+                if info is None:
+                    continue
+                ptr = info[0]
+                if bad:
+                    yield Finding("nan-inf", FAIL, ptr,
+                                  f"{bad} value{' is' if bad == 1 else 's are'} NaN or Inf",
+                                  "the run diverged before this save; resume from an earlier one")
+                if neg:
+                    yield Finding("negative-second-moment", FAIL, ptr,
+                                  f"{neg} values of a second moment are negative", "")
+                if not nonzero and "/state/" in ptr and not ptr.endswith("/step") \
+                        and rec.size > 8:
+                    yield Finding("zero-moment", INFO, ptr, "all values are 0", "")
         finally:
             os.close(fd)
-    reader = None
-    from .newtensors import Reader, is_contiguous
-    reader = Reader()
-    try:
-        for ptr, t in _float_tensors(ctx):
-            if not is_contiguous(t):
-                continue
-            bad = neg = nonzero = 0
-            for start in range(0, t.numel, 1 << 22):
-                n = min(1 << 22, t.numel - start)
-                x = decode(reader.read(t, start, n), t.dtype)
-                bad += int(n - np.isfinite(x).sum())
-                nonzero += int(np.count_nonzero(x))
-                if ptr.endswith(("exp_avg_sq", "square_avg", "/sum", "max_exp_avg_sq")):
-                    neg += int((x < 0).sum())
-            if bad:
-                yield Finding("nan-inf", FAIL, ptr, f"{bad} of {t.numel} values are NaN or Inf",
-                              "the run diverged before this save; resume from an earlier one")
-            if neg:
-                yield Finding("negative-second-moment", FAIL, ptr,
-                              f"{neg} values of a second moment are negative", "")
-            if not nonzero and "/state/" in ptr and not ptr.endswith("/step") and t.numel > 1:
-                yield Finding("zero-moment", INFO, ptr, "all values are 0", "")
-    finally:
-        reader.close()
 
 
-def _float_tensors(ctx: Context) -> Iterator[tuple[str, TensorRef]]:
+def _watched_storages(ctx: Context) -> dict[int, tuple[str, str]]:
+    """id(record) -> (pointer of its first tensor, dtype) for the floating-point storages of
+    params and optimizer state."""
     from .tree import tensors
-    seen: set[int] = set()
+    out: dict[int, tuple[str, str]] = {}
     roots = [(o.pointer, ctx.ckpt.resolve(o.pointer)) for o in ctx.ckpt.optimizers] + \
         [(m.pointer, ctx.ckpt.resolve(m.pointer)) for m in ctx.ckpt.models]
-    for base, root in roots:  # params and optimizer state, not metrics (a best score of inf)
+    for base, root in roots:
         for ptr, t, _ in tensors(root, base):
             st = getattr(t, "storage", None)
-            if isinstance(t, TensorRef) and t.dtype in ("float32", "float64", "float16",
-                                                        "bfloat16") and id(t) not in seen \
-                    and st is not None and st.record is not None:
-                seen.add(id(t))
-                yield ptr, t
+            if isinstance(t, TensorRef) and st is not None and st.record is not None \
+                    and t.dtype in ("float32", "float64", "float16", "bfloat16"):
+                out.setdefault(id(st.record), (ptr, t.dtype))
+    return out
 
 
 # ------------------------------------------------------------------------------- live objects

@@ -119,6 +119,7 @@ def test_nan_in_exp_avg_and_flipped_bit(tmp_path: Path) -> None:
     assert check(path).ok  # only a deep check reads tensor bytes
     r = check(path, deep=True)
     assert ids(r) == [("nan-inf", "/optimizer/state/2/exp_avg")]
+    assert r.findings[0].message == "1 value is NaN or Inf"
     good, _ = trained(tmp_path, "good.pt")
     f = ckpttool.open(good).files[0]
     rec = next(r for n, r in f.archive.records.items() if n.startswith("data/"))
