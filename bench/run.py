@@ -2,15 +2,21 @@
 """One-command benchmark of ckpttool against torch on a ~4 GB training checkpoint.
 
     /work/venv/bin/python bench/run.py [--quick] [--keep] [--out bench/results.md]
+    /work/venv/bin/python bench/run.py --only convert [--out FILE]
 
 * builds (or reuses, cached under bench/out/) a ~4.04 GB and a ~40 MB checkpoint of the
   same structure (1174 records; see bench/make_ckpt.py); --quick uses ~400 MB / ~4 MB;
+* for `ckpttool convert --to adam` a ~1.30 GB SGD-momentum checkpoint of the same model
+  (588 records; make_ckpt.py --optim sgd; --quick: ~130 MB), measured against torch.load +
+  the same conversion by hand + torch.save; `--only convert` runs just that part, `--only
+  main` everything else;
 * runs every operation as a fresh subprocess: one warm-up run (also warms the page
   cache), then 3 timed runs; reports the median wall time and the median peak RSS of
   the child (os.wait4 rusage ru_maxrss, exact for the child process);
 * prints a markdown table and writes it (with a machine header) to --out.
 
 Edit outputs are always deleted; the built inputs are deleted at the end unless --keep.
+The convert rows go to a second, small table under the main one.
 A ckpttool command that does not exist yet is reported as "not available".
 """
 from __future__ import annotations
@@ -37,6 +43,11 @@ RUNS = 3
 # widths -> (label, approx size); see make_ckpt.spec (params ~= 321*w^2)
 FULL = {"big": (1024, "4 GB"), "small": (102, "40 MB")}
 QUICK = {"big": (322, "400 MB"), "small": (32, "4 MB")}
+# the SGD-momentum checkpoint for `convert --to adam`: model + momentum_buffer,
+# 2 x params x 4 bytes (width 712: 163.0M params, 1.304 GB; width 225: 0.131 GB)
+SGD_FULL = (712, "1.3 GB")
+SGD_QUICK = (225, "130 MB")
+PARTS = ("main", "convert")
 
 # Peak RSS: ru_maxrss from wait4() of the measured process.  A child forked
 # (vfork/posix_spawn) straight from this Python harness inherits the harness's
@@ -55,13 +66,13 @@ def builder_hash() -> str:
     return hashlib.sha256((HERE / "make_ckpt.py").read_bytes()).hexdigest()[:16]
 
 
-def ckpt_path(width: int) -> pathlib.Path:
-    return OUTDIR / f"ckpt-w{width}.pt"
+def ckpt_path(width: int, optim: str = "adam") -> pathlib.Path:
+    return OUTDIR / (f"ckpt-w{width}.pt" if optim == "adam" else f"ckpt-{optim}-w{width}.pt")
 
 
-def ensure_ckpt(width: int, log) -> pathlib.Path:
-    """Reuse bench/out/ckpt-w{width}.pt if its sidecar says it is valid, else (re)build it."""
-    path = ckpt_path(width)
+def ensure_ckpt(width: int, log, optim: str = "adam") -> pathlib.Path:
+    """Reuse bench/out/ckpt[-sgd]-w{width}.pt if its sidecar says it is valid, else (re)build it."""
+    path = ckpt_path(width, optim)
     side = path.with_suffix(".json")
     bh = builder_hash()
     if path.exists() and side.exists():
@@ -69,12 +80,13 @@ def ensure_ckpt(width: int, log) -> pathlib.Path:
             meta = json.loads(side.read_text())
             st = path.stat()
             if (meta.get("builder") == bh and meta.get("width") == width
+                    and meta.get("optim", "adam") == optim
                     and meta.get("size") == st.st_size and meta.get("mtime_ns") == st.st_mtime_ns):
                 log(f"reusing {path.name} ({st.st_size / 1e9:.2f} GB)")
                 return path
         except (ValueError, OSError):
             pass
-    cmd = [PY, str(HERE / "make_ckpt.py"), "--width", str(width)]
+    cmd = [PY, str(HERE / "make_ckpt.py"), "--width", str(width), "--optim", optim]
     if path.exists() and not side.exists():
         # present but never validated (e.g. built by hand): validate instead of rebuilding
         log(f"validating existing {path.name} ...")
@@ -83,7 +95,10 @@ def ensure_ckpt(width: int, log) -> pathlib.Path:
             log(f"  invalid ({r.stderr.strip().splitlines()[-1:]}), rebuilding")
             path.unlink()
     if not path.exists():
-        need = 12 * 321 * width * width * 2 + 1_000_000_000  # input + one edit output + slack
+        # input + one edit output + slack (adam: 3 tensors per param in and out; sgd: 2 in,
+        # 3 out after convert --to adam)
+        per_param = 12 * 2 if optim == "adam" else 8 + 12
+        need = per_param * 321 * width * width + 1_000_000_000
         free = shutil.disk_usage(OUTDIR).free
         if free < need:
             raise SystemExit(f"not enough disk space in {OUTDIR}: {free / 1e9:.1f} GB free, need ~{need / 1e9:.1f} GB")
@@ -99,8 +114,8 @@ def ensure_ckpt(width: int, log) -> pathlib.Path:
             raise SystemExit(f"validating {path} failed:\n{r.stderr}")
     info = json.loads(r.stdout.strip().splitlines()[-1])
     st = path.stat()
-    side.write_text(json.dumps({"builder": bh, "width": width, "size": st.st_size,
-                                "mtime_ns": st.st_mtime_ns, **info}))
+    side.write_text(json.dumps({"builder": bh, "width": width, "optim": optim,
+                                "size": st.st_size, "mtime_ns": st.st_mtime_ns, **info}))
     return path
 
 
@@ -252,6 +267,97 @@ for st in ck["optimizer"]["state"].values():
 torch.save(ck, sys.argv[2])
 """
 
+# `convert --to adam` by hand: the formulas of ckpttool/edits/convert.py (read_moments for SGD,
+# target_values for Adam) with torch ops. SGD keeps no step, so t is ckpttool's default step
+# ceil(1 / (1 - beta2)) = 1000; m = momentum_buffer * (1 - momentum) / (1 - dampening) is the
+# running mean of the gradient; SGD keeps no second moment, so v is, in every element, the
+# tensor's mean of m**2 (in float64, at least float32's tiny), as ckpttool's _mean_square.
+# exp_avg = m * (1 - b1**t), exp_avg_sq = v * (1 - b2**t).
+CONVERT_SAVE = r"""
+import math, sys, torch
+ck = torch.load(sys.argv[1], weights_only=True)
+opt = ck["optimizer"]
+adam = torch.optim.Adam([torch.zeros(1)]).defaults  # this torch's Adam defaults
+b1, b2 = adam["betas"]
+t = math.ceil(1 / (1 - b2))  # 1000
+groups = []
+for g in opt["param_groups"]:
+    c = (1 - g["momentum"]) / (1 - g["dampening"])
+    for pid in g["params"]:
+        m = opt["state"][pid]["momentum_buffer"] * c
+        v = max(float(m.double().square().mean()), torch.finfo(torch.float32).tiny)
+        opt["state"][pid] = {"step": torch.tensor(float(t)),
+                             "exp_avg": m * (1 - b1 ** t),
+                             "exp_avg_sq": torch.full_like(m, v) * (1 - b2 ** t)}
+    ng = dict(adam)
+    ng["lr"] = g["lr"]
+    if "initial_lr" in g:  # StepLR's
+        ng["initial_lr"] = g["initial_lr"]
+    ng["params"] = g["params"]
+    groups.append(ng)
+opt["param_groups"] = groups
+torch.save(ck, sys.argv[2])
+"""
+
+# Checks a convert output (ckpttool's or the torch script's) against its SGD source, both
+# memory-mapped: every param has exactly step / exp_avg / exp_avg_sq, the groups are Adam's
+# (betas, no momentum), the values follow the formulas above (CONVERT_SAVE) on a few params
+# (first, last, largest, first 1-D), and
+# torch.optim.Adam + StepLR load it (over meta parameters).
+CONVERT_VERIFY = r"""
+import math, sys, torch
+out, src = sys.argv[1], sys.argv[2]
+ck = torch.load(out, mmap=True, weights_only=True)
+sd = torch.load(src, mmap=True, weights_only=True)
+opt, sopt = ck["optimizer"], sd["optimizer"]
+groups, sgroups = opt["param_groups"], sopt["param_groups"]
+assert [g["params"] for g in groups] == [g["params"] for g in sgroups], "params of the groups"
+ids = [p for g in groups for p in g["params"]]
+assert len(ids) == len(opt["state"]) == len(sopt["state"]) == 293, (len(ids), len(opt["state"]))
+for g, sg in zip(groups, sgroups):
+    assert "betas" in g, sorted(g)
+    assert not {"momentum", "dampening", "nesterov"} & set(g), sorted(g)
+    assert g["lr"] == sg["lr"], (g["lr"], sg["lr"])
+b1, b2 = groups[0]["betas"]
+t = 1000
+for pid in ids:
+    st = opt["state"][pid]
+    assert set(st) == {"step", "exp_avg", "exp_avg_sq"}, (pid, sorted(st))
+    assert st["step"].dim() == 0 and st["step"].dtype == torch.float32 and float(st["step"]) == t, st["step"]
+    buf = sopt["state"][pid]["momentum_buffer"]
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert st[k].shape == buf.shape and st[k].dtype == buf.dtype, (pid, k, st[k].shape, st[k].dtype)
+group_of = {p: g for g in sgroups for p in g["params"]}
+numel = {p: sopt["state"][p]["momentum_buffer"].numel() for p in ids}
+one_d = [p for p in ids if sopt["state"][p]["momentum_buffer"].dim() == 1]
+for pid in sorted({ids[0], ids[-1], max(ids, key=numel.get), *one_d[:1]}):
+    sg, st = group_of[pid], opt["state"][pid]
+    m = sopt["state"][pid]["momentum_buffer"] * ((1 - sg["momentum"]) / (1 - sg["dampening"]))
+    torch.testing.assert_close(st["exp_avg"], m * (1 - b1 ** t), rtol=1e-6, atol=0)
+    v = max(float(m.double().square().mean()), torch.finfo(torch.float32).tiny)
+    torch.testing.assert_close(st["exp_avg_sq"], torch.full_like(m, v) * (1 - b2 ** t),
+                               rtol=1e-5, atol=0)
+P = {p: torch.nn.Parameter(torch.empty(sopt["state"][p]["momentum_buffer"].shape, device="meta"))
+     for p in ids}
+adam = torch.optim.Adam([{"params": [P[p] for p in g["params"]]} for g in groups])
+sched = torch.optim.lr_scheduler.StepLR(adam, step_size=1000, gamma=0.5)
+adam.load_state_dict(opt)
+sched.load_state_dict(ck["scheduler"])
+assert len(adam.state) == 293
+print("ok")
+"""
+
+
+def convert_verifier(out: pathlib.Path, src: pathlib.Path):
+    def check():
+        r = subprocess.run([PY, "-c", CONVERT_VERIFY, str(out), str(src)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            return (r.stderr.strip().splitlines() or ["?"])[-1][:150]
+        return None
+    return check
+
+
 EDIT_SAVE = r"""
 import sys, torch
 sd = torch.load(sys.argv[1], weights_only=True)
@@ -271,7 +377,7 @@ def fmt_mib(r: Result) -> str:
     return f"{r.rss_bytes / MIB:.0f}" if r.ok else "-"
 
 
-def machine_header(files: dict, quick: bool) -> list[str]:
+def machine_header(files: dict, quick: bool, parts=PARTS) -> list[str]:
     import importlib.metadata as md
 
     try:
@@ -300,7 +406,8 @@ def machine_header(files: dict, quick: bool) -> list[str]:
     except OSError:
         head = "?"
     lines = [
-        f"# ckpttool benchmark{' (--quick)' if quick else ''}",
+        f"# ckpttool benchmark{' (--quick)' if quick else ''}"
+        f"{'' if tuple(parts) == PARTS else ' (--only ' + ', '.join(parts) + ')'}",
         "",
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
         f"- machine: {os.cpu_count()} CPUs (nproc {len(os.sched_getaffinity(0))}), {cpu}, {mem} RAM, "
@@ -310,9 +417,11 @@ def machine_header(files: dict, quick: bool) -> list[str]:
     ]
     for key, (path, label) in files.items():
         meta = json.loads(path.with_suffix(".json").read_text())
+        what = ("x 2 (model, SGD momentum_buffer)" if meta.get("optim") == "sgd"
+                else "x 3 (model, exp_avg, exp_avg_sq)")
         lines.append(f"- {key} file (\"{label}\"): {path.name}, {meta['size']:,} bytes "
                      f"({meta['size'] / 1e9:.3f} GB), {meta['n_params'] / 1e6:.1f}M params "
-                     f"x 3 (model, exp_avg, exp_avg_sq), {meta['records']} records")
+                     f"{what}, {meta['records']} records")
     lines += [
         f"- each row: fresh subprocess, 1 warm-up run + median of {RUNS}, warm page cache; "
         "wall includes interpreter start-up; peak RSS = the child's ru_maxrss from wait4 "
@@ -324,45 +433,36 @@ def machine_header(files: dict, quick: bool) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="ckpttool vs torch benchmark")
-    ap.add_argument("--quick", action="store_true", help="use ~400 MB / ~4 MB checkpoints instead of ~4 GB / ~40 MB")
+    ap.add_argument("--quick", action="store_true", help="use ~400 MB / ~4 MB (and ~130 MB SGD) checkpoints instead of ~4 GB / ~40 MB (and ~1.3 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the built input checkpoints in bench/out/")
-    ap.add_argument("--out", default=str(HERE / "results.md"), help="markdown output (default bench/results.md)")
+    ap.add_argument("--only", choices=PARTS,
+                    help="run one part: main (show, edits, torch baselines on the 4 GB / 40 MB files) "
+                         "or convert (SGD momentum -> Adam on the 1.3 GB file); default: both")
+    ap.add_argument("--out", default=None,
+                    help="markdown output (default bench/results.md; with --only the table goes to "
+                         "stdout only unless --out is given, so a partial run never replaces the "
+                         "full results)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per operation (median reported; default 3)")
     a = ap.parse_args()
     global RUNS
     RUNS = max(1, a.runs)
+    parts = (a.only,) if a.only else PARTS
+    out_path = a.out or (None if a.only else str(HERE / "results.md"))
 
     def log(msg):
         print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
     OUTDIR.mkdir(parents=True, exist_ok=True)
     sizes = QUICK if a.quick else FULL
+    sgd_width, sgd_label = SGD_QUICK if a.quick else SGD_FULL
     du = shutil.disk_usage(OUTDIR)
     log(f"disk: {du.free / 1e9:.1f} GB free in {OUTDIR}")
     t_start = time.perf_counter()
     load_start = os.getloadavg()
 
-    big = ensure_ckpt(sizes["big"][0], log)
-    small = ensure_ckpt(sizes["small"][0], log)
-    files = {"big": (big, sizes["big"][1]), "small": (small, sizes["small"][1])}
-    bl, sl = sizes["big"][1], sizes["small"][1]
-    out_big = OUTDIR / "edit-out.pt"
-
-    if shutil.disk_usage(OUTDIR).free < big.stat().st_size + 1_000_000_000:
-        raise SystemExit("not enough free disk for one edit output next to the big checkpoint")
-
     ck = ckpttool_cmd()
     log(f"ckpttool command: {' '.join(ck)}")
-    warm_page_cache(big)
-    warm_page_cache(small)
-
-    def rm_out():
-        try:
-            out_big.unlink()
-        except FileNotFoundError:
-            pass
-        os.sync()  # start every write benchmark with no dirty pages from the previous run
-
+    files: dict[str, tuple[pathlib.Path, str]] = {}
     R: dict[str, Result] = {}
 
     def m(key, argv, **kw):
@@ -372,34 +472,76 @@ def main() -> int:
         log(f"  {fmt_s(r)} s, {fmt_mib(r)} MiB" if r.ok else f"  {r.error}")
         return r
 
-    m("pass", [PY, "-c", "pass"])
-    m("import torch", [PY, "-c", "import torch"])
-    m("help", ck + ["--help"])
-    for key, path in (("big", big), ("small", small)):
-        m(f"show {key}", ck + ["show", str(path)])
-        m(f"show json {key}", ck + ["show", "--json", str(path)])
-        m(f"torch full {key}", [PY, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=True)", str(path)])
-        m(f"torch mmap {key}", [PY, "-c", WALK, str(path)])
-    m("cp", ["cp", str(big), str(out_big)], before=rm_out)
-    # ckpttool's writer fsyncs (and re-reads) its output before renaming it into place; this
-    # is the durable-copy equivalent of that (coreutils `sync FILE` = fsync of that file)
-    m("cp sync", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(big), str(out_big)], before=rm_out)
-    m("set-lr", ck + ["set-lr", str(big), "1e-4", "-o", str(out_big)], before=rm_out,
-      check=verifier(out_big, "lr"))
-    m("move", ck + ["move", str(big), "cuda:1", "-o", str(out_big)], before=rm_out,
-      check=verifier(out_big, "move"))
-    m("merge-groups", ck + ["merge-groups", str(big), "-o", str(out_big)], before=rm_out,
-      check=verifier(out_big, "merge"))
-    m("amsgrad", ck + ["set", str(big), "amsgrad=True", "-o", str(out_big)], before=rm_out,
-      check=verifier(out_big, "amsgrad"))
-    m("torch edit", [PY, "-c", EDIT_SAVE, str(big), str(out_big)], before=rm_out,
-      check=verifier(out_big, "lr"))
-    m("torch amsgrad", [PY, "-c", AMSGRAD_SAVE, str(big), str(out_big)], before=rm_out,
-      check=verifier(out_big, "amsgrad"))
-    rm_out()
+    def remover(path: pathlib.Path):
+        def rm_out():
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            os.sync()  # start every write benchmark with no dirty pages from the previous run
+        return rm_out
 
-    # ------------------------------------------------------------------ table
-    rows = []
+    bl, sl = sizes["big"][1], sizes["small"][1]
+    if "main" in parts:
+        big = ensure_ckpt(sizes["big"][0], log)
+        small = ensure_ckpt(sizes["small"][0], log)
+        files["big"] = (big, bl)
+        files["small"] = (small, sl)
+        out_big = OUTDIR / "edit-out.pt"
+        rm_out = remover(out_big)
+
+        if shutil.disk_usage(OUTDIR).free < big.stat().st_size + 1_000_000_000:
+            raise SystemExit("not enough free disk for one edit output next to the big checkpoint")
+
+        warm_page_cache(big)
+        warm_page_cache(small)
+
+        m("pass", [PY, "-c", "pass"])
+        m("import torch", [PY, "-c", "import torch"])
+        m("help", ck + ["--help"])
+        for key, path in (("big", big), ("small", small)):
+            m(f"show {key}", ck + ["show", str(path)])
+            m(f"show json {key}", ck + ["show", "--json", str(path)])
+            m(f"torch full {key}", [PY, "-c", "import sys, torch; torch.load(sys.argv[1], weights_only=True)", str(path)])
+            m(f"torch mmap {key}", [PY, "-c", WALK, str(path)])
+        m("cp", ["cp", str(big), str(out_big)], before=rm_out)
+        # ckpttool's writer fsyncs (and re-reads) its output before renaming it into place; this
+        # is the durable-copy equivalent of that (coreutils `sync FILE` = fsync of that file)
+        m("cp sync", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(big), str(out_big)], before=rm_out)
+        m("set-lr", ck + ["set-lr", str(big), "1e-4", "-o", str(out_big)], before=rm_out,
+          check=verifier(out_big, "lr"))
+        m("move", ck + ["move", str(big), "cuda:1", "-o", str(out_big)], before=rm_out,
+          check=verifier(out_big, "move"))
+        m("merge-groups", ck + ["merge-groups", str(big), "-o", str(out_big)], before=rm_out,
+          check=verifier(out_big, "merge"))
+        m("amsgrad", ck + ["set", str(big), "amsgrad=True", "-o", str(out_big)], before=rm_out,
+          check=verifier(out_big, "amsgrad"))
+        m("torch edit", [PY, "-c", EDIT_SAVE, str(big), str(out_big)], before=rm_out,
+          check=verifier(out_big, "lr"))
+        m("torch amsgrad", [PY, "-c", AMSGRAD_SAVE, str(big), str(out_big)], before=rm_out,
+          check=verifier(out_big, "amsgrad"))
+        rm_out()
+
+    if "convert" in parts:
+        # `convert --to adam` of an SGD-momentum checkpoint: reads model + momentum_buffer
+        # (2 x params), writes model + exp_avg + exp_avg_sq (3 x params, 1.5x the input)
+        sgd = ensure_ckpt(sgd_width, log, "sgd")
+        files["sgd"] = (sgd, sgd_label)
+        out_conv = OUTDIR / "convert-out.pt"
+        rm_conv = remover(out_conv)
+        if shutil.disk_usage(OUTDIR).free < 1.5 * sgd.stat().st_size + 1_000_000_000:
+            raise SystemExit("not enough free disk for a convert output next to the SGD checkpoint")
+        warm_page_cache(sgd)
+        m("sgd cp sync", ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(sgd), str(out_conv)],
+          before=rm_conv)
+        m("convert", ck + ["convert", str(sgd), "--to", "adam", "-o", str(out_conv)],
+          before=rm_conv, check=convert_verifier(out_conv, sgd))
+        m("torch convert", [PY, "-c", CONVERT_SAVE, str(sgd), str(out_conv)], before=rm_conv,
+          check=convert_verifier(out_conv, sgd))
+        rm_conv()
+
+    # ------------------------------------------------------------------ tables
+    rows: list[tuple] = []
 
     def verdict(conds):
         if conds is None:
@@ -419,59 +561,95 @@ def main() -> int:
     def show_target(r):
         return [r.wall <= 0.25, r.rss_bytes <= 50 * MB]
 
-    row("`python -c pass` (interpreter start)", "pass")
-    row("`python -c 'import torch'`", "import torch", "pass", "python start")
-    row("`ckpttool --help`", "help", "pass", "python start", "<= 0.2 s", lambda r: [r.wall <= 0.2])
-    for key, label in (("big", bl), ("small", sl)):
-        tgt = "<= 0.25 s, <= 50 MB" if key == "big" else ""
-        cond = show_target if key == "big" else None
-        row(f"`ckpttool show` {label}", f"show {key}", f"torch mmap {key}", "torch mmap+walk", tgt, cond)
-        row(f"`ckpttool show --json` {label}", f"show json {key}", f"torch mmap {key}", "torch mmap+walk", tgt, cond)
-        row(f"torch.load full, weights_only {label}", f"torch full {key}")
-        row(f"torch.load mmap + walk optimizer state {label}", f"torch mmap {key}")
-    for sk, name in (("show", "show"), ("show json", "show --json")):
-        rb, rs = R[f"{sk} big"], R[f"{sk} small"]
-        if rb.ok and rs.ok:
-            ratio = rb.wall / rs.wall
-            rows.append((f"`{name}` {bl} / {sl}", "-", "-", f"{ratio:.2f}x", "<= 1.5x",
-                         "pass" if ratio <= 1.5 else "FAIL"))
-        else:
-            rows.append((f"`{name}` {bl} / {sl}", "not available", "-", "-", "<= 1.5x", "-"))
-    row(f"`cp` {bl} (reference)", "cp")
-    row(f"`cp` + `sync OUT` (fsync) {bl} (reference)", "cp sync", "cp", "cp")
-
-    def edit_target(r):
-        return [r.wall <= 1.3 * R["cp"].wall if R["cp"].ok else False, r.rss_bytes <= 100 * MB]
-
-    for key, cmd in (("set-lr", "set-lr BIG 1e-4 -o OUT"), ("move", "move BIG cuda:1 -o OUT"),
-                     ("merge-groups", "merge-groups BIG -o OUT")):
-        row(f"`ckpttool {cmd}` {bl}", key, "cp", "cp", "<= 1.3x cp, <= 100 MB", edit_target)
-        if R[key].ok and R["cp sync"].ok:
-            op, w, mib, ratio, tgt, pf = rows[-1]
-            rows[-1] = (op, w, mib, f"{ratio}; {R[key].wall / R['cp sync'].wall:.2f}x cp+sync", tgt, pf)
-    row(f"torch.load + edit lr + torch.save {bl}", "torch edit", "cp", "cp")
-    row(f"`ckpttool set BIG amsgrad=True -o OUT` {bl} (adds a zero tensor per param)", "amsgrad",
-        "torch amsgrad", "torch", "<= 150 MB", lambda r: [r.rss_bytes <= 150 * MB])
-    row(f"torch.load + amsgrad=True + zeros_like + torch.save {bl}", "torch amsgrad", "cp",
-        "cp")
-
     hdr = ("operation", "wall s", "peak RSS MiB", "ratio vs reference", "target", "pass/fail")
-    table = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
-    table += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+
+    def table(rs):
+        return (["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+                + ["| " + " | ".join(str(c) for c in r) + " |" for r in rs])
+
+    body: list[str] = []
+    if "main" in parts:
+        row("`python -c pass` (interpreter start)", "pass")
+        row("`python -c 'import torch'`", "import torch", "pass", "python start")
+        row("`ckpttool --help`", "help", "pass", "python start", "<= 0.2 s", lambda r: [r.wall <= 0.2])
+        for key, label in (("big", bl), ("small", sl)):
+            tgt = "<= 0.25 s, <= 50 MB" if key == "big" else ""
+            cond = show_target if key == "big" else None
+            row(f"`ckpttool show` {label}", f"show {key}", f"torch mmap {key}", "torch mmap+walk", tgt, cond)
+            row(f"`ckpttool show --json` {label}", f"show json {key}", f"torch mmap {key}", "torch mmap+walk", tgt, cond)
+            row(f"torch.load full, weights_only {label}", f"torch full {key}")
+            row(f"torch.load mmap + walk optimizer state {label}", f"torch mmap {key}")
+        for sk, name in (("show", "show"), ("show json", "show --json")):
+            rb, rs = R[f"{sk} big"], R[f"{sk} small"]
+            if rb.ok and rs.ok:
+                ratio = rb.wall / rs.wall
+                rows.append((f"`{name}` {bl} / {sl}", "-", "-", f"{ratio:.2f}x", "<= 1.5x",
+                             "pass" if ratio <= 1.5 else "FAIL"))
+            else:
+                rows.append((f"`{name}` {bl} / {sl}", "not available", "-", "-", "<= 1.5x", "-"))
+        row(f"`cp` {bl} (reference)", "cp")
+        row(f"`cp` + `sync OUT` (fsync) {bl} (reference)", "cp sync", "cp", "cp")
+
+        def edit_target(r):
+            return [r.wall <= 1.3 * R["cp"].wall if R["cp"].ok else False, r.rss_bytes <= 100 * MB]
+
+        for key, cmd in (("set-lr", "set-lr BIG 1e-4 -o OUT"), ("move", "move BIG cuda:1 -o OUT"),
+                         ("merge-groups", "merge-groups BIG -o OUT")):
+            row(f"`ckpttool {cmd}` {bl}", key, "cp", "cp", "<= 1.3x cp, <= 100 MB", edit_target)
+            if R[key].ok and R["cp sync"].ok:
+                op, w, mib, ratio, tgt, pf = rows[-1]
+                rows[-1] = (op, w, mib, f"{ratio}; {R[key].wall / R['cp sync'].wall:.2f}x cp+sync", tgt, pf)
+        row(f"torch.load + edit lr + torch.save {bl}", "torch edit", "cp", "cp")
+        row(f"`ckpttool set BIG amsgrad=True -o OUT` {bl} (adds a zero tensor per param)", "amsgrad",
+            "torch amsgrad", "torch", "<= 150 MB", lambda r: [r.rss_bytes <= 150 * MB])
+        row(f"torch.load + amsgrad=True + zeros_like + torch.save {bl}", "torch amsgrad", "cp",
+            "cp")
+        body += table(rows) + [""]
+
+    if "convert" in parts:
+        rows = []
+        rt = R["torch convert"]
+        row(f"`cp` + `sync OUT` (fsync) {sgd_label} SGD file (reference)", "sgd cp sync")
+
+        def convert_target(r):
+            if not rt.ok:
+                return [False]
+            return [r.rss_bytes <= 150 * MB, 3 * r.wall <= rt.wall, 4 * r.rss_bytes <= rt.rss_bytes]
+
+        tgt = "<= 150 MB, >= 3x faster than torch, <= 1/4 torch RSS"
+        row(f"`ckpttool convert SGD --to adam -o OUT` {sgd_label} (SGD->Adam)", "convert",
+            "torch convert", "torch", tgt, convert_target)
+        r = R["convert"]
+        if r.ok and rt.ok:
+            op, w, mib, ratio, tg, pf = rows[-1]
+            ratio = (f"{r.wall / rt.wall:.2f}x torch wall ({rt.wall / r.wall:.2f}x faster); "
+                     f"{r.rss_bytes / rt.rss_bytes:.3f}x torch RSS")
+            if pf == "FAIL":
+                c = convert_target(r)
+                pf = "FAIL (" + ", ".join(n for n, ok in zip(("150 MB", "3x", "1/4 RSS"), c)
+                                          if not ok) + ")"
+            rows[-1] = (op, w, mib, ratio, tg, pf)
+        row(f"torch.load + SGD->Adam by hand + torch.save {sgd_label}", "torch convert",
+            "sgd cp sync", "cp+sync")
+        body += [f"## convert (SGD momentum -> Adam, {sgd_label})", ""] + table(rows) + [""]
+
     total = time.perf_counter() - t_start
     load = (f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "
             f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at end "
             f"(anything else running on the {os.cpu_count()} CPUs makes the numbers noisier)")
-    text = "\n".join(machine_header(files, a.quick) + table +
-                     ["", f"Total benchmark time: {total:.0f} s; {load}. MB = 10^6 bytes, MiB = 2^20 bytes.", ""])
+    text = "\n".join(machine_header(files, a.quick, parts) + body +
+                     [f"Total benchmark time: {total:.0f} s; {load}. MB = 10^6 bytes, MiB = 2^20 bytes.", ""])
     print(text)
-    pathlib.Path(a.out).write_text(text)
-    log(f"wrote {a.out}")
+    if out_path:
+        pathlib.Path(out_path).write_text(text)
+        log(f"wrote {out_path}")
+    else:
+        log("--only: not written to a file (give --out FILE)")
 
     for p in (OUTDIR / "_stdout.txt", OUTDIR / "_stderr.txt", OUTDIR / "_rss.txt"):
         p.unlink(missing_ok=True)
     if not a.keep:
-        for p in (big, small):
+        for p, _ in files.values():
             p.unlink(missing_ok=True)
             p.with_suffix(".json").unlink(missing_ok=True)
         log("removed the built inputs (use --keep to cache them in bench/out/)")

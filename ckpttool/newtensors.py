@@ -21,6 +21,7 @@ import os
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from .errors import EditError
@@ -121,39 +122,62 @@ class Reader:
 class Derived:
     """``numel`` elements of ``dtype`` computed chunk by chunk from source records.
 
-    ``compute(start, n, reader)`` returns the little-endian bytes of elements
-    ``start .. start + n`` of the result, reading what it needs of its sources through
-    ``reader`` (see :mod:`ckpttool.edits.convert` for the moment formulas built on this).
+    ``compute(start, n, reader)`` returns the little-endian bytes (``bytes`` or a byte
+    ``memoryview``) of elements ``start .. start + n`` of the result, reading what it needs of
+    its sources through ``reader`` (see :mod:`ckpttool.edits.convert` for the moment formulas
+    built on this).
     """
 
     dtype: str
     numel: int
-    compute: Callable[[int, int, Reader], bytes]
+    compute: Callable[[int, int, Reader], bytes | memoryview]
     label: str
-    chunk_elements: int = 1 << 20
+    # 1 MB of float32: the few numpy temporaries of a chunk stay in the CPU caches (on the
+    # 1.3 GB SGD -> Adam convert 4 MB chunks measured 0.3-0.6 s slower, 16 MB ones 1.4 s)
+    chunk_elements: int = 1 << 18
 
     @property
     def nbytes(self) -> int:
         return self.numel * DTYPE_ITEMSIZE[self.dtype]
 
-    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes | memoryview]:
+        """The chunks in order. Chunk ``i + 1`` is computed on a worker thread while the
+        caller CRCs and writes chunk ``i`` (numpy, ``os.pread``, ``zlib.crc32`` and
+        ``os.write`` release the GIL). One worker thread per tensor, stopped when its chunks
+        are done: ``compute`` is called for one chunk at a time, in order, as without it."""
         reader = Reader()
+        ex = ThreadPoolExecutor(1, thread_name_prefix="ckpttool-derived")
+        ahead: list[tuple[Future[bytes | memoryview], int]] = []  # submitted, not yielded
         try:
             for start in range(0, self.numel, self.chunk_elements):
                 n = min(self.chunk_elements, self.numel - start)
-                out = self.compute(start, n, reader)
-                if len(out) != n * DTYPE_ITEMSIZE[self.dtype]:
-                    raise EditError(f"{self.label}: computed {len(out)} bytes for {n} elements")
-                yield out
+                ahead.append((ex.submit(self.compute, start, n, reader), n))
+                if len(ahead) == 2:
+                    fut, k = ahead.pop(0)
+                    yield self._checked(fut.result(), k)
+            while ahead:
+                fut, k = ahead.pop(0)
+                yield self._checked(fut.result(), k)
         finally:
+            for fut, _ in ahead:  # closed early: no compute may still use the reader
+                if not fut.cancel():
+                    try:
+                        fut.result()
+                    except BaseException:
+                        pass
+            ex.shutdown(wait=True)
             reader.close()
+
+    def _checked(self, out: bytes | memoryview, n: int) -> bytes | memoryview:
+        if len(out) != n * DTYPE_ITEMSIZE[self.dtype]:
+            raise EditError(f"{self.label}: computed {len(out)} bytes for {n} elements")
+        return out
 
     def describe(self) -> str:
         return self.label
 
 
 Content = Zeros | Fill | Derived
-
 
 def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     stride = []

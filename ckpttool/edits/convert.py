@@ -62,10 +62,11 @@ def decode(raw: bytes, dtype: str) -> Tensor:
         return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
     if dtype not in _NP_DTYPES:
         raise EditError(f"convert handles floating-point state only, not {dtype}")
-    return np.frombuffer(raw, dtype=_NP_DTYPES[dtype]).astype(np.float32)
+    # float32 stays a (read-only) view of ``raw``: the formulas never write in place
+    return np.frombuffer(raw, dtype=_NP_DTYPES[dtype]).astype(np.float32, copy=False)
 
 
-def encode(x: Tensor | float, dtype: str, n: int) -> bytes:
+def encode(x: Tensor | float, dtype: str, n: int) -> bytes | memoryview:
     """``n`` values (``x`` broadcast) as little-endian elements of ``dtype`` (bfloat16
     rounded to nearest even, as torch rounds)."""
     np = _np()
@@ -76,7 +77,8 @@ def encode(x: Tensor | float, dtype: str, n: int) -> bytes:
         return bytes(bits.astype("<u2").tobytes())
     if dtype not in _NP_DTYPES:
         raise EditError(f"convert handles floating-point state only, not {dtype}")
-    return bytes(arr.astype(_NP_DTYPES[dtype]).tobytes())
+    # the array's own buffer, not a bytes copy of it (the writer takes any buffer)
+    return memoryview(np.ascontiguousarray(arr.astype(_NP_DTYPES[dtype], copy=False))).cast("B")
 
 
 # ----------------------------------------------------------------------------- expressions
@@ -96,12 +98,24 @@ def _const(value: float) -> Values:
 
     def values(start: int, n: int, reader: Reader) -> Tensor:
         return np.full(n, value, dtype=np.float32)
+    return _constant(values)
+
+
+def _constant(values: Values) -> Values:
+    """Mark ``values`` as one value in every element (its bytes are encoded once)."""
+    setattr(values, "constant", True)
     return values
+
+
+def _is_constant(values: Values | None) -> bool:
+    return values is None or bool(getattr(values, "constant", False))
 
 
 def _map(fn: Callable[..., Tensor], *parts: Values) -> Values:
     def values(start: int, n: int, reader: Reader) -> Tensor:
         return fn(*(p(start, n, reader) for p in parts))
+    if parts and all(_is_constant(p) for p in parts):
+        return _constant(values)
     return values
 
 
@@ -214,27 +228,58 @@ def read_moments(kind: str, entries: dict[str, Any], group: dict[str, Any],
     if v is None and m is not None:
         # no second moment kept: every element gets the tensor's mean square of m, so the
         # first updates point where m points, with an rms size of lr (never a division by 0)
+        m = _SumOfSquares(m)
         v = _mean_square(m, numel)
         guess = True
     return Moments(m, v, guess)
 
 
+def _sum_sq(x: Tensor) -> float:
+    """``sum(x ** 2)`` accumulated in float64. Not ``np.dot``: that is BLAS, and OpenBLAS's
+    worker threads busy-wait after every call (measured: twice the CPU time of the whole
+    convert, on 2 CPUs shared with the kernel's writeback)."""
+    np = _np()
+    xd = x.astype(np.float64)
+    return float(np.einsum("i,i->", xd, xd))
+
+
+class _SumOfSquares:
+    """``m``, also summing the squares of what it returns while it is asked for its elements
+    in order from 0 (the ``exp_avg`` pass): the mean square is then known without reading the
+    source tensor a second time."""
+
+    def __init__(self, m: Values) -> None:
+        self.m = m
+        self.done = 0  # elements 0 .. done - 1 are summed
+        self.total = 0.0
+
+    def __call__(self, start: int, n: int, reader: Reader) -> Tensor:
+        x = self.m(start, n, reader)
+        if start == self.done:
+            self.total += _sum_sq(x)
+            self.done = start + n
+        return x
+
+
 def _mean_square(m: Values, numel: int) -> Values:
-    """``mean(m ** 2)`` over the whole tensor (one streaming pass, the first time)."""
+    """``mean(m ** 2)`` over the whole tensor (from an earlier full pass over ``m`` when
+    there was one, else one streaming pass, the first time)."""
     np = _np()
     cache: list[float] = []
 
     def values(start: int, n: int, reader: Reader) -> Tensor:
         if not cache:
-            total = 0.0
-            step = 1 << 20
-            for q in range(0, numel, step):
-                k = min(step, numel - q)
-                x = m(q, k, reader).astype(np.float64)
-                total += float(np.dot(x, x))
+            if isinstance(m, _SumOfSquares) and m.done == numel:
+                total = m.total
+            else:
+                total = 0.0
+                step = Derived.chunk_elements
+                for q in range(0, numel, step):
+                    k = min(step, numel - q)
+                    total += _sum_sq(m(q, k, reader))
             cache.append(max(total / max(numel, 1), float(np.finfo(np.float32).tiny)))
         return np.full(n, cache[0], dtype=np.float32)
-    return values
+    return _constant(values)
 
 
 # ----------------------------------------------------------------------------- targets
@@ -536,10 +581,22 @@ def _convert_entries(ckpt: Checkpoint, opt: OptimizerState, target: str,
         dtype = like.dtype
         label = f"{key} from {opt.type}" if val is not None else "zeros"
         fn = val
+        memo: dict[int, bytes | memoryview] = {}
 
         def compute(start: int, n: int, reader: Reader, fn: Values | None = fn,
-                    dtype: str = dtype) -> bytes:
-            return encode(fn(start, n, reader) if fn is not None else 0.0, dtype, n)
+                    dtype: str = dtype, numel: int = numel,
+                    memo: dict[int, bytes | memoryview] = memo) -> bytes | memoryview:
+            if not _is_constant(fn):
+                return encode(fn(start, n, reader) if fn is not None else 0.0, dtype, n)
+            # one value everywhere (exp_avg_sq from SGD, zeros): the same bytes every chunk
+            out = memo.get(n)
+            if out is None:
+                out = encode(fn(start, n, reader) if fn is not None else 0.0, dtype, n)
+            if start + n < numel:
+                memo[n] = out
+            else:
+                memo.clear()  # the last chunk: nothing kept once the tensor is written
+            return out
         out[key] = new_tensor(like, eshape, Derived(dtype, numel, compute, label))
     return out
 

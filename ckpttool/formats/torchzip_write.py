@@ -56,7 +56,7 @@ class Payload:
 
     size: int
     data: bytes | bytearray | memoryview | None = None
-    chunks: Iterable[bytes] | None = None
+    chunks: Iterable[bytes | memoryview] | None = None
     src_fd: int | None = None
     src_offset: int = 0
     crc: int | None = None
@@ -69,7 +69,7 @@ class Payload:
         return cls(len(data), data=data)
 
     @classmethod
-    def from_chunks(cls, size: int, chunks: Iterable[bytes]) -> Payload:
+    def from_chunks(cls, size: int, chunks: Iterable[bytes | memoryview]) -> Payload:
         return cls(size, chunks=chunks)
 
     @classmethod
@@ -145,6 +145,7 @@ class _Out:
         # [src_fd, src_offset, length]. ext4 copies one long range about twice as fast as
         # a thousand record-sized ones.
         self.pending: list[int] | None = None
+        self.unsynced = 0  # payload bytes written by os.write whose writeback is not started
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         pend = self.pending
@@ -185,7 +186,9 @@ class _Out:
                     break
                 crc = zlib.crc32(chunk, crc)
                 self.write(chunk)
+                self._written(len(chunk))
                 self._tick(len(chunk))
+            self._written(0, final=True)
             if n != p.size:
                 raise CkptError(f"record {p.src_name}: the chunks hold {'more' if n > p.size else n}"
                                 f" bytes, {p.size} declared")
@@ -261,10 +264,23 @@ class _Out:
                                 "(was it truncated while being copied?)")
             crc = zlib.crc32(data, crc)
             self.write(data)
+            self._written(len(data))
             off += len(data)
             left -= len(data)
             self._tick(len(data))
+        self._written(0, final=True)
         return crc
+
+    def _written(self, n: int, final: bool = False) -> None:
+        """``n`` more payload bytes were written through user space, just before ``pos``:
+        start their writeback every COPY_CHUNK bytes (and at the end of the payload), as
+        :meth:`flush` does for kernel copies, so the final fsync has little left to do."""
+        self.unsynced += n
+        if _start_writeback is not None and self.unsynced and \
+                (final or self.unsynced >= COPY_CHUNK):
+            _start_writeback(self.fd, self.pos - self.unsynced, self.unsynced,
+                             _SYNC_FILE_RANGE_WRITE)
+            self.unsynced = 0
 
 
 def write_archive(fd: int, prefix: str, records: list[tuple[str, Payload]], *,
