@@ -179,6 +179,7 @@ class Derived:
 
 Content = Zeros | Fill | Derived
 
+
 def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
     stride = []
     acc = 1
