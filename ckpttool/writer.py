@@ -45,7 +45,7 @@ import stat
 import secrets
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from .checkpoint import CheckpointFile, read_file
 from .errors import CkptError, UnreadableError, UnsafeCheckpointError, WriteError

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -25,3 +27,12 @@ def copy_fixture(tmp_path: Path):
             shutil.copy2(src, dst)
         return dst
     return copy
+
+
+def run(*args: Any, code: int = 0) -> Result:
+    """Run the CLI in-process with ``args`` (str()-ed); check the exit code; return the
+    click Result (``stdout`` and ``stderr`` apart)."""
+    from ckpttool.cli import cli
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    return result

@@ -10,14 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 from torch.optim import lr_scheduler as S
 
 import ckpttool
 from ckpttool.checks import CheckFailed, check
-from ckpttool.cli import cli
-from conftest import FIXTURES
+from conftest import FIXTURES, run
 
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
 # what a CPU-only machine must refuse: files tagged cuda:0, and the unsafe payloads
@@ -35,11 +33,6 @@ def test_good_fixtures_have_no_fail(fixture: dict[str, Any]) -> None:
     fails = {f.id for f in report.findings if f.level == "FAIL"}
     assert fails == EXPECTED_FAILS.get(fixture["path"], set()), report.render()
 
-
-def run(*args: Any, code: int = 0) -> Any:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 def mlp() -> nn.Sequential:

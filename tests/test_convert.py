@@ -12,28 +12,20 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
-from torch.optim import lr_scheduler as S
 
 import ckpttool
-from ckpttool.cli import cli
 from ckpttool.edits import convert
 from ckpttool.edits.convert import targets
 from ckpttool.errors import EditError
 from ckpttool.save import save
-from conftest import FIXTURES
+from conftest import FIXTURES, run
 
 MLP = [(3, 4), (3,), (2, 3), (2,)]
 SHAPES = {"optim_muon.pt": [(3, 4), (2, 3)], "optim_sparse_adam.pt": [(6, 3), (5, 2)]}
 SOURCES = sorted(p.name for p in FIXTURES.glob("optim_*.pt") if p.name != "optim_lbfgs.pt")
 TARGETS = targets()
 
-
-def run(*args: Any, code: int = 0) -> Any:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 def build(sd: dict[str, Any], target: str, shapes: list[tuple[int, ...]]) -> tuple[

@@ -13,22 +13,14 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch import nn
 from torch.optim import lr_scheduler as S
 
-from ckpttool.cli import cli
-from conftest import FIXTURES
+from conftest import FIXTURES, run
 
 LR = 0.05
 RESUME_STEPS = 10
 
-
-def run(*args: Any, code: int = 0) -> Any:
-    """Run the CLI in-process; check the exit code; return the click Result."""
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 # --------------------------------------------------------------------------------------------

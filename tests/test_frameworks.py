@@ -12,20 +12,13 @@ from typing import Any
 
 import pytest
 import torch
-from click.testing import CliRunner
 from torch.optim import lr_scheduler as S
 
 import ckpttool
-from ckpttool.cli import cli
 from ckpttool.edits import merge_groups, set_lr
-from conftest import FIXTURES
+from conftest import FIXTURES, run
 from torch_json import load_fixture
 
-
-def run(*args: Any, code: int = 0) -> Any:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

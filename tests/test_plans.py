@@ -27,7 +27,7 @@ from ckpttool.formats.nodes import TensorRef
 from ckpttool.newtensors import Zeros
 from ckpttool.save import save
 
-from conftest import FIXTURES
+from conftest import FIXTURES, run
 
 
 def changes(plan: Plan) -> list[tuple[str, Any, Any]]:
@@ -45,11 +45,6 @@ def snapshot(ckpt: Checkpoint) -> str:
     import json
     return json.dumps(show_json(ckpt), sort_keys=True, default=str)
 
-
-def run(*args: Any, code: int = 0) -> Any:
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == code, (result.stdout, result.stderr)
-    return result
 
 
 # ---------------------------------------------------------------------- tree in, plan out

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from .. import knowledge
 from ..checkpoint import Checkpoint
 from ..errors import EditError
-from ..formats.nodes import DTYPE_ITEMSIZE, TensorRef
+from ..formats.nodes import TensorRef
 from ..locate import OptimizerState
 from ..names import param_shape
 from ..newtensors import Derived, Fill, Reader, new_tensor
