@@ -307,13 +307,14 @@ def check_steps(ctx: Context) -> Iterator[Finding]:
             if not s.known:
                 continue
             last = s.raw.get("last_epoch")
-            if isinstance(last, int) and last not in (int(top), int(top) - 1) and \
-                    s.raw.get("_step_count") is not None and last > int(top):
+            # a per-step schedule is at last_epoch == step; a per-epoch one is behind: only a
+            # schedule ahead of the optimizer's step is a sign of mismatched files
+            if isinstance(last, int) and not isinstance(last, bool) and last > int(top):
                 yield Finding("step-vs-scheduler", WARN, join(s.pointer, "last_epoch"),
                               f"the scheduler is at last_epoch {last} but the optimizer at "
                               f"step {top:g}: the schedule ran ahead of the optimizer",
                               "check that the scheduler was saved with this optimizer")
-        if trainer_step is not None and top > trainer_step * 1.0 + 1 and len(ctx.optimizers) == 1:
+        if trainer_step is not None and top > trainer_step + 1 and len(ctx.optimizers) == 1:
             yield Finding("step-vs-trainer", WARN, join(opt.pointer, "state"),
                           f"the optimizer is at step {top:g} but the trainer's global_step is "
                           f"{trainer_step}", "check that these files come from the same save")

@@ -215,3 +215,10 @@ def test_folder_checked_as_a_whole(tmp_path: Path) -> None:
     shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-4", folder)
     r = check(folder)
     assert r.ok and [f.id for f in r.findings] == ["weights-only"]
+
+
+def test_scheduler_ahead_of_the_optimizer(tmp_path: Path) -> None:
+    r = check(planted(tmp_path, lambda ck: ck["scheduler"].update(last_epoch=50)))
+    assert ids(r, "WARN") == [("step-vs-scheduler", "/scheduler/last_epoch")]
+    assert r.findings[0].message == ("the scheduler is at last_epoch 50 but the optimizer at "
+                                     "step 3: the schedule ran ahead of the optimizer")
