@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -285,10 +286,11 @@ def check_steps(ctx: Context) -> Iterator[Finding]:
     root = ctx.ckpt.root
     trainer_step = None
     if isinstance(root, dict):
-        gs = root.get("global_step")
-        state = root.get("trainer_state.json")
-        if isinstance(state, dict):
-            gs = state.get("global_step", gs)
+        gs = root.get("global_step")  # Lightning
+        for name in ("trainer_state.json", "mp_rank_00_model_states.pt"):  # Trainer, DeepSpeed
+            state = root.get(name)
+            if isinstance(state, dict):
+                gs = state.get("global_step", state.get("global_steps", gs))
         trainer_step = gs if isinstance(gs, int) and not isinstance(gs, bool) else None
     for opt in ctx.optimizers:
         steps = _steps(opt)
@@ -494,53 +496,68 @@ def check_deep(ctx: Context) -> Iterator[Finding]:
     if not ctx.deep:
         return
     import zlib
+    from concurrent.futures import ThreadPoolExecutor
 
+    watched = _watched_storages(ctx)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ckpttool-deep")
+    try:
+        for f in ctx.ckpt.files:
+            if f.archive is None:
+                continue
+            fd = os.open(f.path, os.O_RDONLY)
+            try:
+                for rec in f.archive.records.values():
+                    if rec.method != 0:
+                        continue
+                    info = watched.get(id(rec))
+                    crc, done = 0, 0
+                    counts: list[Future[tuple[int, int, int]]] = []
+                    while done < rec.size:
+                        chunk = os.pread(fd, min(rec.size - done, 8 << 20), rec.data_offset + done)
+                        if not chunk:
+                            break
+                        if info is not None:  # numpy releases the GIL: overlaps the CRC and reads
+                            counts.append(pool.submit(_value_counts, chunk, info[1],
+                                                      info[0].endswith(_SECOND_MOMENTS)))
+                        crc = zlib.crc32(chunk, crc)
+                        done += len(chunk)
+                    bad, neg, nonzero = (sum(c) for c in zip(*(f.result() for f in counts))) \
+                        if counts else (0, 0, 0)
+                    if rec.crc and crc != rec.crc:
+                        yield Finding("crc", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
+                                      f"record {rec.name} of {f.path} fails its CRC check: "
+                                      "its bytes changed after the save (torch.load does "
+                                      "not check)",
+                                      "restore the file from another copy")
+                    if info is None:
+                        continue
+                    ptr = info[0]
+                    if bad:
+                        yield Finding("nan-inf", FAIL, ptr,
+                                      f"{bad} value{' is' if bad == 1 else 's are'} NaN or Inf",
+                                      "the run diverged before this save; resume from an "
+                                      "earlier one")
+                    if neg:
+                        yield Finding("negative-second-moment", FAIL, ptr,
+                                      f"{neg} values of a second moment are negative", "")
+                    if not nonzero and "/state/" in ptr and not ptr.endswith("/step") \
+                            and rec.size > 8:
+                        yield Finding("zero-moment", INFO, ptr, "all values are 0", "")
+            finally:
+                os.close(fd)
+    finally:
+        pool.shutdown(wait=True)
+
+
+def _value_counts(chunk: bytes, dtype: str, second_moment: bool) -> tuple[int, int, int]:
+    """(non-finite, negative, non-zero) counts of a chunk of a storage's elements."""
     import numpy as np
 
     from .edits.convert import decode
-    watched = _watched_storages(ctx)
-    for f in ctx.ckpt.files:
-        if f.archive is None:
-            continue
-        fd = os.open(f.path, os.O_RDONLY)
-        try:
-            for rec in f.archive.records.values():
-                if rec.method != 0:
-                    continue
-                info = watched.get(id(rec))
-                crc, done, bad, neg, nonzero = 0, 0, 0, 0, 0
-                while done < rec.size:
-                    chunk = os.pread(fd, min(rec.size - done, 8 << 20), rec.data_offset + done)
-                    if not chunk:
-                        break
-                    crc = zlib.crc32(chunk, crc)
-                    done += len(chunk)
-                    if info is not None:
-                        x = decode(chunk, info[1])
-                        bad += int(x.size - np.count_nonzero(np.isfinite(x)))
-                        nonzero += int(np.count_nonzero(x))
-                        if info[0].endswith(_SECOND_MOMENTS):
-                            neg += int(np.count_nonzero(x < 0))
-                if rec.crc and crc != rec.crc:
-                    yield Finding("crc", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
-                                  f"record {rec.name} of {f.path} fails its CRC check: its bytes "
-                                  "changed after the save (torch.load does not check)",
-                                  "restore the file from another copy")
-                if info is None:
-                    continue
-                ptr = info[0]
-                if bad:
-                    yield Finding("nan-inf", FAIL, ptr,
-                                  f"{bad} value{' is' if bad == 1 else 's are'} NaN or Inf",
-                                  "the run diverged before this save; resume from an earlier one")
-                if neg:
-                    yield Finding("negative-second-moment", FAIL, ptr,
-                                  f"{neg} values of a second moment are negative", "")
-                if not nonzero and "/state/" in ptr and not ptr.endswith("/step") \
-                        and rec.size > 8:
-                    yield Finding("zero-moment", INFO, ptr, "all values are 0", "")
-        finally:
-            os.close(fd)
+    x = decode(chunk, dtype)
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    neg = int(np.count_nonzero(x < 0)) if second_moment else 0
+    return bad, neg, int(np.count_nonzero(x))
 
 
 def _watched_storages(ctx: Context) -> dict[int, tuple[str, str]]:
