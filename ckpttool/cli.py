@@ -126,7 +126,7 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
               if w.backup_path]
     if result.copied:
         extra.append(f"{len(result.written)} file{'s' if len(result.written) != 1 else ''} "
-                     f"rewritten, {len(result.copied)} copied unchanged")
+                     f"rewritten, {len(result.copied)} kept as they were")
     click.echo(f"{plan.summary}; wrote {result.output}"
                + (f" ({'; '.join(extra)})" if extra else ""))
 

@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import EditError
 from .formats.nodes import DTYPE_ITEMSIZE, STORAGE_DTYPES, Global, Storage, TensorRef
@@ -43,6 +44,42 @@ def pack_scalar(value: float | int | bool, dtype: str) -> bytes:
     if fmt is None:
         raise EditError(f"cannot write a {dtype} value")
     return struct.pack(fmt, value)
+
+
+def lazy_numpy() -> Any:
+    """numpy, imported only when values are computed (a convert being written, check --deep):
+    reading never needs it, and its import takes a tenth of torch's."""
+    import numpy
+    return numpy
+
+
+_NP_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2"}
+
+
+def decode(raw: bytes, dtype: str) -> Any:
+    """Little-endian elements of ``dtype`` as a float32 numpy array."""
+    np = lazy_numpy()
+    if dtype == "bfloat16":
+        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    if dtype not in _NP_DTYPES:
+        raise EditError(f"only floating-point values can be computed, not {dtype}")
+    # float32 stays a (read-only) view of ``raw``: the formulas never write in place
+    return np.frombuffer(raw, dtype=_NP_DTYPES[dtype]).astype(np.float32, copy=False)
+
+
+def encode(x: Any, dtype: str, n: int) -> bytes | memoryview:
+    """``n`` values (``x`` broadcast) as little-endian elements of ``dtype`` (bfloat16
+    rounded to nearest even, as torch rounds)."""
+    np = lazy_numpy()
+    arr = np.broadcast_to(np.asarray(x, dtype=np.float32), (n,))
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(arr).view(np.uint32).astype(np.uint64)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bytes(bits.astype("<u2").tobytes())
+    if dtype not in _NP_DTYPES:
+        raise EditError(f"only floating-point values can be computed, not {dtype}")
+    # the array's own buffer, not a bytes copy of it (the writer takes any buffer)
+    return memoryview(np.ascontiguousarray(arr.astype(_NP_DTYPES[dtype], copy=False))).cast("B")
 
 
 @dataclass(frozen=True)
@@ -235,5 +272,5 @@ def new_tensor(like: TensorRef, shape: Sequence[int], content: Content, *,
     return TensorRef(Global(func.module, func.name, func.safety), args)
 
 
-__all__ = ["CHUNK_BYTES", "Content", "Derived", "Fill", "Reader", "Zeros", "is_contiguous",
-           "new_tensor", "pack_scalar"]
+__all__ = ["CHUNK_BYTES", "Content", "Derived", "Fill", "Reader", "Zeros", "decode", "encode",
+           "is_contiguous", "lazy_numpy", "new_tensor", "pack_scalar"]

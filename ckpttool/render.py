@@ -19,7 +19,7 @@ from .formats.nodes import Global, Reduce, Storage, TensorRef
 from .formats.safetensors import SafeTensor
 from .locate import (ModelState, OptimizerState, SchedulerState, is_model_state,
                      is_optimizer_state)
-from .tree import tensors
+from .tree import join
 
 if TYPE_CHECKING:
     from .edits.plan import Plan
@@ -111,7 +111,7 @@ def model_json(m: ModelState) -> dict[str, Any]:
             "bytes": m.nbytes, "dtypes": m.dtypes, "pickled_module": m.pickled}
 
 
-def summary(v: Any) -> str:
+def summary(v: Any, tensors_held: int = 0) -> str:
     """A short description of a top-level value, such as ``3`` or ``model (4 tensors)``."""
     if isinstance(v, (TensorRef, SafeTensor)):
         val = f" = {fmt(v.value)}" if v.value is not None else ""
@@ -128,7 +128,7 @@ def summary(v: Any) -> str:
     if isinstance(v, Reduce):
         func = v.func
         unsafe = isinstance(func, Global) and func.safety == "dangerous"
-        n = sum(1 for _ in tensors(v))
+        n = tensors_held
         held = f", {n} tensor{'s' if n != 1 else ''}" if n else ""
         return f"{v.qualname} ({'UNSAFE: runs code on load' if unsafe else 'opaque'}{held})"
     return fmt(v)
@@ -139,7 +139,8 @@ def top_level(ckpt: Checkpoint) -> dict[str, str]:
     if ckpt.is_folder:
         return {f.name: f"{f.format}, {f.size} bytes" for f in ckpt.files}
     if isinstance(root, dict) and all(isinstance(k, str) for k in root):
-        return {k: summary(v) for k, v in root.items()}
+        held = {h.pointer: h.tensors for h in ckpt.opaque_holders}
+        return {k: summary(v, held.get(join("", k), 0)) for k, v in root.items()}
     return {}
 
 

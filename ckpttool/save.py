@@ -38,7 +38,7 @@ class SaveResult:
     output: str  # the file or folder written, as given (the checkpoint's path when in place)
     changed: bool  # False: nothing to change (in place: nothing written; -o: a copy)
     written: list[WriteResult] = field(default_factory=list)  # files rewritten
-    copied: list[str] = field(default_factory=list)  # files copied unchanged (relative paths)
+    copied: list[str] = field(default_factory=list)  # files and links kept unchanged (relative)
 
 
 def _order(ckpt: Checkpoint) -> list[str]:
@@ -121,6 +121,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
                 if os.path.islink(s):  # a link to a folder: kept as a link, not followed
                     os.symlink(os.readlink(s), os.path.join(there, d))
                     dirs.remove(d)
+                    result.copied.append(d if rel == "." else os.path.join(rel, d))
                     continue
                 os.mkdir(os.path.join(there, d))
                 shutil.copystat(s, os.path.join(there, d))
@@ -132,6 +133,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
                                                      progress=progress))
                 elif os.path.islink(s):
                     os.symlink(os.readlink(s), t)
+                    result.copied.append(relname)
                 else:
                     _copy_synced(s, t)
                     result.copied.append(relname)

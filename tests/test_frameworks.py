@@ -40,7 +40,7 @@ def test_peft_folder_output_keeps_readme_and_tokenizer(tmp_path: Path,
     assert r.stdout == (
         "set-lr: base lr 0.0001 in optimizer /optimizer.pt (groups 0, 1 x0.1); "
         "scheduler /scheduler.pt (LambdaLR) scaled to match; 4 values changed; wrote "
-        f"{out} (2 files rewritten, 8 copied unchanged)\n")
+        f"{out} (2 files rewritten, 8 kept as they were)\n")
     got = tree(out)
     assert sorted(got) == sorted(before)
     assert sorted(k for k in got if got[k] != before[k]) == ["optimizer.pt", "scheduler.pt"]
@@ -169,7 +169,6 @@ def test_timm_layer_decay_keep_ratios(tmp_path: Path) -> None:
     src = FIXTURES / "timm_layer_decay.pth"
     out = tmp_path / "keep.pth"
     r = run("set-lr", src, "4e-4", "--keep-ratios", "-o", out)
-    k = 4e-4 / 0.000794099  # the largest group lr, shown rounded in the summary
     assert r.stdout == ("set-lr: largest lr 0.0004, ratios kept in optimizer /optimizer (groups "
                         "0, 1, 2, 3, 4, 5, 6, 7 x0.503716); scheduler "
                         "/lr_scheduler (CosineAnnealingLR) scaled to match; 33 values changed; "
@@ -180,7 +179,6 @@ def test_timm_layer_decay_keep_ratios(tmp_path: Path) -> None:
         for u, v in zip(x, y):
             assert v == pytest.approx(u * 4e-4 / top, rel=1e-9)
     assert max(b[0]) == pytest.approx(4e-4, rel=1e-12)
-    assert abs(k - 4e-4 / top) < 1e-3
     ck = torch.load(out, weights_only=False)
     assert [g["lr_scale"] for g in ck["optimizer"]["param_groups"]] == \
         [g["lr_scale"] for g in torch.load(src, weights_only=False)["optimizer"]["param_groups"]]

@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 from .. import knowledge
 from ..checkpoint import Checkpoint
-from ..errors import EditError
+from ..errors import AmbiguousError, EditError
 from ..formats.nodes import TensorRef
 from ..locate import OptimizerState
 from ..names import param_shape
-from ..newtensors import Derived, Fill, Reader, new_tensor
+from ..newtensors import Derived, Fill, Reader, decode, encode, lazy_numpy, new_tensor
 from ..tree import join
 from . import Plan, TreeEditor, as_number
 from .set_hparams import type_ok
@@ -45,42 +45,6 @@ def targets() -> list[str]:
     return [n for n in knowledge.optimizer_types() if n not in NOT_TARGETS]
 
 
-def _np() -> Any:
-    """numpy: imported only when a conversion computes values (at write time); its import
-    takes a tenth of torch's."""
-    import numpy
-    return numpy
-
-
-_NP_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2"}
-
-
-def decode(raw: bytes, dtype: str) -> Tensor:
-    """Little-endian elements of ``dtype`` as float32 values."""
-    np = _np()
-    if dtype == "bfloat16":
-        return (np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
-    if dtype not in _NP_DTYPES:
-        raise EditError(f"convert handles floating-point state only, not {dtype}")
-    # float32 stays a (read-only) view of ``raw``: the formulas never write in place
-    return np.frombuffer(raw, dtype=_NP_DTYPES[dtype]).astype(np.float32, copy=False)
-
-
-def encode(x: Tensor | float, dtype: str, n: int) -> bytes | memoryview:
-    """``n`` values (``x`` broadcast) as little-endian elements of ``dtype`` (bfloat16
-    rounded to nearest even, as torch rounds)."""
-    np = _np()
-    arr = np.broadcast_to(np.asarray(x, dtype=np.float32), (n,))
-    if dtype == "bfloat16":
-        bits = np.ascontiguousarray(arr).view(np.uint32).astype(np.uint64)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return bytes(bits.astype("<u2").tobytes())
-    if dtype not in _NP_DTYPES:
-        raise EditError(f"convert handles floating-point state only, not {dtype}")
-    # the array's own buffer, not a bytes copy of it (the writer takes any buffer)
-    return memoryview(np.ascontiguousarray(arr.astype(_NP_DTYPES[dtype], copy=False))).cast("B")
-
-
 # ----------------------------------------------------------------------------- expressions
 # Values of a parameter-shaped quantity, computed for a range of flat element indices.
 
@@ -94,7 +58,7 @@ def _load(t: TensorRef) -> Values:
 
 
 def _const(value: float) -> Values:
-    np = _np()
+    np = lazy_numpy()
 
     def values(start: int, n: int, reader: Reader) -> Tensor:
         return np.full(n, value, dtype=np.float32)
@@ -126,7 +90,7 @@ def _dims(shape: tuple[int, ...]) -> tuple[int, int, int]:
 
 def _factored(row: TensorRef, col: TensorRef, shape: tuple[int, ...]) -> Values:
     """Adafactor's estimate of v: ``row[b, i] * col[b, j] / mean_i(row[b, :])``."""
-    np = _np()
+    np = lazy_numpy()
     lead, rows, cols = _dims(shape)
     cache: dict[str, Tensor] = {}
 
@@ -148,7 +112,6 @@ class Moments:
 
     m: Values | None  # running mean of the gradient
     v: Values | None  # running mean of the squared gradient
-    v_is_guess: bool = False  # v was derived from m (no source kept a second moment)
 
 
 def _betas(group: dict[str, Any]) -> tuple[float, float]:
@@ -172,7 +135,7 @@ def read_moments(kind: str, entries: dict[str, Any], group: dict[str, Any],
                  step: float, numel: int) -> Moments:
     """``m`` and ``v`` of one parameter (``numel`` elements) from a source state of type
     ``kind``."""
-    np = _np()
+    np = lazy_numpy()
     t = max(step, 1.0)
 
     def ten(key: str) -> TensorRef | None:
@@ -224,21 +187,19 @@ def read_moments(kind: str, entries: dict[str, Any], group: dict[str, Any],
         if (e := ten("momentum_buffer")) is not None:
             m = _load(e)  # an EMA of the gradient (lerp with 1 - momentum)
     # ASGD keeps no moment (eta, mu, ax are averaging state)
-    guess = False
     if v is None and m is not None:
         # no second moment kept: every element gets the tensor's mean square of m, so the
         # first updates point where m points, with an rms size of lr (never a division by 0)
         m = _SumOfSquares(m)
         v = _mean_square(m, numel)
-        guess = True
-    return Moments(m, v, guess)
+    return Moments(m, v)
 
 
 def _sum_sq(x: Tensor) -> float:
     """``sum(x ** 2)`` accumulated in float64. Not ``np.dot``: that is BLAS, and OpenBLAS's
     worker threads busy-wait after every call (measured: twice the CPU time of the whole
     convert, on 2 CPUs shared with the kernel's writeback)."""
-    np = _np()
+    np = lazy_numpy()
     xd = x.astype(np.float64)
     return float(np.einsum("i,i->", xd, xd))
 
@@ -264,7 +225,7 @@ class _SumOfSquares:
 def _mean_square(m: Values, numel: int) -> Values:
     """``mean(m ** 2)`` over the whole tensor (from an earlier full pass over ``m`` when
     there was one, else one streaming pass, the first time)."""
-    np = _np()
+    np = lazy_numpy()
     cache: list[float] = []
 
     def values(start: int, n: int, reader: Reader) -> Tensor:
@@ -295,7 +256,7 @@ def target_values(kind: str, key: str, mo: Moments, group: dict[str, Any], t: in
                   shape: tuple[int, ...]) -> Values | float | None:
     """The values of state entry ``key`` of the target ``kind`` (a float for 0-d entries,
     None when the entry keeps torch's initial zeros)."""
-    np = _np()
+    np = lazy_numpy()
     b1, b2 = _betas(group)
     m, v = mo.m, mo.v
     if key == "exp_avg":
@@ -355,7 +316,7 @@ def _row_mean(v: Values, shape: tuple[int, ...]) -> Values:
 def _col_mean(v: Values, shape: tuple[int, ...]) -> Values:
     """Adafactor's col_var from v: the mean over the second-last dim (one streaming pass over
     v, the first time it is asked for; the result holds one value per column)."""
-    np = _np()
+    np = lazy_numpy()
     lead, rows, cols = _dims(shape)
     cache: list[Tensor] = []
 
@@ -434,6 +395,15 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
             raise EditError(f"{target}.{key} expects a value like {defaults.get(key)!r}, got "
                             f"{value!r}", key=key, path=ckpt.path)
     lr_set = sets.pop("lr", None)
+    lrs = sorted({x for g in opt.groups
+                  if (x := as_number(g.hyperparameters.get("lr"))) is not None})
+    if lr_set is not None and len(lrs) > 1:
+        raise AmbiguousError(f"the groups of {where} have different lrs "
+                             f"({', '.join(f'{x:g}' for x in lrs)}); --set lr would give "
+                             "every group the same one",
+                             path=ckpt.path, pointer=opt.pointer, key="lr",
+                             hint="convert without --set lr, then run ckpttool set-lr with "
+                                  "--keep-ratios or --same")
     shapes = _shapes(opt)
     if target == "Muon":
         unknown = [p for p in opt.param_ids if p not in shapes]
@@ -468,8 +438,8 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
         group.update({k: tuple(x) if isinstance(x, list) else x for k, x in sets.items()})
         group["params"] = g["params"]
         ed.set(join(join(opt.pointer, "param_groups"), g_index), group,
-               shown=f"{target} group ({len(g['params'])} params)")
-        ed.changes[-1].before = f"{opt.type} group ({len(g['params'])} params)"
+               shown=f"{target} group ({len(g['params'])} params)",
+               shown_before=f"{opt.type} group ({len(g['params'])} params)")
         if moments == "zero":
             continue
         for pid in g["params"]:
@@ -483,10 +453,9 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
     for pid, entries in opt.raw["state"].items():  # state of ids in no group: kept
         if pid not in opt.param_ids:
             new_state[pid] = entries
-    before = f"{opt.type} state of {len(opt.raw['state'])} params"
     ed.set(state_ptr, new_state, shown=f"{target} state of {len(new_state)} params"
-           + (" (moments carried)" if moments == "carry" else " (torch makes it at the next step)"))
-    ed.changes[-1].before = before
+           + (" (moments carried)" if moments == "carry" else " (torch makes it at the next step)"),
+           shown_before=f"{opt.type} state of {len(opt.raw['state'])} params")
     plan = ed.finish(f"convert: {where} {opt.type} -> {target} ({len(opt.groups)} group"
                      f"{'s' if len(opt.groups) != 1 else ''}, moments {moments}"
                      + (f", step {step}" if step is not None else "") + ")")

@@ -138,13 +138,12 @@ def merge_groups(ckpt: Checkpoint, groups: list[int] | None = None,
         new_state[renumber[old]] = old_state[old]
     before = f"{n} groups {[len(g['params']) for g in rg]}"
     after = f"{len(new_groups)} groups {[len(g['params']) for g in new_groups]}"
-    ed.set(join(opt.pointer, "param_groups"), new_groups, shown=after)
-    ed.changes[-1].before = before
+    ed.set(join(opt.pointer, "param_groups"), new_groups, shown=after, shown_before=before)
     if list(new_state) != list(old_state) or \
             any(new_state[k] is not old_state[k] for k in new_state):
         ed.set(join(opt.pointer, "state"), new_state,
-               shown=f"{len(new_state)} entries renumbered")
-        ed.changes[-1].before = f"{len(old_state)} entries"
+               shown=f"{len(new_state)} entries renumbered",
+               shown_before=f"{len(old_state)} entries")
     if sched is not None:
         _merge_scheduler(ed, sched, sel, n, sets, rg)
     return ed.finish(f"merge-groups: groups {', '.join(map(str, sel))} of {where} merged into "

@@ -149,15 +149,17 @@ class TreeEditor:
         raise CkptError(f"cannot set a key inside a {type(parent).__name__} at "
                         f"{parent_ptr!r}", path=self.ckpt.path, pointer=pointer)
 
-    def set(self, pointer: str, value: Any, *, shown: Any = ABSENT) -> None:
+    def set(self, pointer: str, value: Any, *, shown: Any = ABSENT,
+            shown_before: Any = ABSENT) -> None:
         """Set the value at ``pointer`` (a new key is appended to its dict).
 
-        ``shown`` is what the change lists as the new value when ``value`` itself is not
-        readable (a new tensor is shown by its description)."""
+        ``shown`` / ``shown_before`` are what the change lists as the new / old value when
+        the values themselves are not readable (a new tensor, a whole list of groups)."""
         parent, key = self._parent(pointer)
         before = parent[key] if (isinstance(parent, list) or key in parent) else ABSENT
         parent[key] = value
-        self.changes.append(Change(pointer, before, value if shown is ABSENT else shown))
+        self.changes.append(Change(pointer, before if shown_before is ABSENT else shown_before,
+                                   value if shown is ABSENT else shown))
 
     def set_number(self, pointer: str, value: float) -> None:
         """Set a number at ``pointer``; a tensor holding one number is replaced by a new
