@@ -47,7 +47,7 @@ QUICK = {"big": (322, "400 MB"), "small": (32, "4 MB")}
 # 2 x params x 4 bytes (width 712: 163.0M params, 1.304 GB; width 225: 0.131 GB)
 SGD_FULL = (712, "1.3 GB")
 SGD_QUICK = (225, "130 MB")
-PARTS = ("main", "convert")
+PARTS = ("main", "convert", "check")
 
 # Peak RSS: ru_maxrss from wait4() of the measured process.  A child forked
 # (vfork/posix_spawn) straight from this Python harness inherits the harness's
@@ -358,6 +358,22 @@ def convert_verifier(out: pathlib.Path, src: pathlib.Path):
     return check
 
 
+# the obvious alternative to `ckpttool check`: load it all with torch and into a real Adam
+# over params of the saved shapes (what the load test does on meta params), then one step
+TORCH_CHECK = r"""
+import sys, torch
+ck = torch.load(sys.argv[1], weights_only=True)
+osd = ck["optimizer"]
+params = {pid: torch.zeros_like(st["exp_avg"]) for pid, st in osd["state"].items()}
+groups = [{"params": [params[i] for i in g["params"]]} for g in osd["param_groups"]]
+opt = torch.optim.Adam(groups)
+opt.load_state_dict(osd)
+for p in params.values():
+    p.grad = torch.zeros_like(p)
+opt.step()
+print("ok")
+"""
+
 EDIT_SAVE = r"""
 import sys, torch
 sd = torch.load(sys.argv[1], weights_only=True)
@@ -436,8 +452,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="use ~400 MB / ~4 MB (and ~130 MB SGD) checkpoints instead of ~4 GB / ~40 MB (and ~1.3 GB)")
     ap.add_argument("--keep", action="store_true", help="keep the built input checkpoints in bench/out/")
     ap.add_argument("--only", choices=PARTS,
-                    help="run one part: main (show, edits, torch baselines on the 4 GB / 40 MB files) "
-                         "or convert (SGD momentum -> Adam on the 1.3 GB file); default: both")
+                    help="run one part: main (show, edits, torch baselines on the 4 GB / 40 MB files), "
+                         "convert (SGD momentum -> Adam on the 1.3 GB file) or check (check and "
+                         "check --deep on the 4 GB file); default: all")
     ap.add_argument("--out", default=None,
                     help="markdown output (default bench/results.md; with --only the table goes to "
                          "stdout only unless --out is given, so a partial run never replaces the "
@@ -540,6 +557,14 @@ def main() -> int:
           check=convert_verifier(out_conv, sgd))
         rm_conv()
 
+    if "check" in parts:
+        big = ensure_ckpt(sizes["big"][0], log)
+        files["big"] = (big, bl)
+        warm_page_cache(big)
+        m("check", ck + ["check", str(big)])
+        m("check deep", ck + ["check", "--deep", str(big)])
+        m("torch check", [PY, "-c", TORCH_CHECK, str(big)])
+
     # ------------------------------------------------------------------ tables
     rows: list[tuple] = []
 
@@ -632,6 +657,19 @@ def main() -> int:
         row(f"torch.load + SGD->Adam by hand + torch.save {sgd_label}", "torch convert",
             "sgd cp sync", "cp+sync")
         body += [f"## convert (SGD momentum -> Adam, {sgd_label})", ""] + table(rows) + [""]
+
+    if "check" in parts:
+        rows = []
+        size = files["big"][0].stat().st_size
+        row(f"`ckpttool check BIG` {bl} (load test included)", "check", "torch check", "torch",
+            "<= 3 s, <= 300 MB", lambda r: [r.wall <= 3, r.rss_bytes <= 300 * MB])
+        row(f"`ckpttool check --deep BIG` {bl} (every byte: CRCs, NaN/Inf, moments)", "check deep",
+            "torch check", "torch", ">= 1 GB/s", lambda r: [size / r.wall >= 1e9])
+        if R["check deep"].ok:
+            op, w, mib, ratio, tg, pf = rows[-1]
+            rows[-1] = (op, w, mib, f"{ratio}; {size / R['check deep'].wall / 1e9:.2f} GB/s", tg, pf)
+        row(f"torch.load + Adam.load_state_dict + step {bl} (reference)", "torch check")
+        body += [f"## check ({bl})", ""] + table(rows) + [""]
 
     total = time.perf_counter() - t_start
     load = (f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "

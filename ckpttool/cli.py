@@ -285,8 +285,11 @@ def check(path: str, as_json: bool, deep: bool, strict: bool, optimizer: str | N
     from .checks import check as run_check
     from .errors import ExitCode
 
+    from .eager_torch import eager_only
+
     def go() -> None:
-        report = run_check(path, pointer=optimizer, deep=deep)
+        with eager_only():  # this process never compiles: the load test needs no dynamo
+            report = run_check(path, pointer=optimizer, deep=deep)
         if as_json:
             click.echo(json.dumps(report.to_json(), indent=2))
         else:

@@ -45,8 +45,15 @@ def model_parameters(model: ModelState) -> list[tuple[str, tuple[int, ...]]]:
 
 def param_shape(opt_type: str, entries: dict[str, Any]) -> tuple[int, ...] | None:
     """The parameter's shape as its state shows it, or None if the state cannot tell."""
+    distinct = set(state_shapes(opt_type, entries).values())
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def state_shapes(opt_type: str, entries: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The param shape each non-scalar entry of one param's state implies (Adafactor's
+    factored ``row_var`` / ``col_var`` together as ``<factored>``); empty for LBFGS."""
     if opt_type in ("LBFGS", "unknown"):
-        return None
+        return {}
     shapes = {}
     for k, v in entries.items():
         shape = getattr(v, "shape", None)
@@ -56,8 +63,7 @@ def param_shape(opt_type: str, entries: dict[str, Any]) -> tuple[int, ...] | Non
         r, c = shapes.pop("row_var"), shapes.pop("col_var")
         if len(r) == len(c) >= 2:
             shapes["<factored>"] = (*r[:-1], c[-1])
-    distinct = set(shapes.values())
-    return distinct.pop() if len(distinct) == 1 else None
+    return shapes
 
 
 def align(groups: list[list[tuple[int, ...] | None]],

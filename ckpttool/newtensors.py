@@ -56,7 +56,7 @@ def lazy_numpy() -> Any:
 _NP_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2"}
 
 
-def decode(raw: bytes, dtype: str) -> Any:
+def decode(raw: bytes | memoryview, dtype: str) -> Any:
     """Little-endian elements of ``dtype`` as a float32 numpy array."""
     np = lazy_numpy()
     if dtype == "bfloat16":
