@@ -444,8 +444,6 @@ def check_load_test(ctx: Context) -> Iterator[Finding]:
     for opt in ctx.optimizers:
         if opt.type in (knowledge.UNKNOWN, "LBFGS"):
             continue
-        if any(isinstance(p, str) for p in opt.param_ids):
-            continue  # name-keyed: torch's load_state_dict takes int ids
         error = _load_test(opt)
         if error is not None and eager_torch.active():
             # the CLI's stand-in for torch._dynamo may lack what this torch needs: retry

@@ -285,3 +285,22 @@ def test_deep_on_a_legacy_file(tmp_path: Path) -> None:
                       ("negative-second-moment", "/optimizer/state/1/exp_avg_sq")]
     assert [f.message for f in r.findings] == ["1 value is NaN or Inf",
                                                "1 value of a second moment is negative"]
+
+
+def test_load_test_on_a_name_keyed_state(tmp_path: Path) -> None:
+    """torch's load_state_dict maps saved ids to params by position, whatever the ids: a
+    name-keyed state (FSDP1's full optim state dict) gets the load test too."""
+    _, ck = trained(tmp_path)
+    names = list(ck["model"])
+    osd = ck["optimizer"]
+    osd["state"] = {names[k]: v for k, v in osd["state"].items()}
+    osd["param_groups"][0]["params"] = [names[i] for i in osd["param_groups"][0]["params"]]
+    path = tmp_path / "named.pt"
+    torch.save(ck, path)
+    assert check(path).findings == []
+    del osd["state"]["2.bias"]["exp_avg_sq"]
+    torch.save(ck, path)
+    r = check(path)
+    assert [(f.id, f.pointer, f.message) for f in r.findings] == [
+        ("load-test", "/optimizer", "torch.optim.Adam over params of these shapes refuses the "
+         "state: KeyError: 'exp_avg_sq'")]
