@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .checkpoint import Checkpoint, CheckpointFile
+from .checkpoint import Checkpoint, CheckpointFile, open_for_edit
 from .checkpoint import open_checkpoint as open
 from .errors import CkptError, EditError, UnreadableError, UnsafeCheckpointError
 
@@ -32,4 +32,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["Checkpoint", "CheckpointFile", "CkptError", "EditError", "Report",
-           "UnreadableError", "UnsafeCheckpointError", "check", "open", "__version__"]
+           "UnreadableError", "UnsafeCheckpointError", "check", "open", "open_for_edit",
+           "__version__"]

@@ -10,13 +10,15 @@ import json
 import os
 import stat
 import struct
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from .errors import AmbiguousError, CkptError, UnreadableError
+from .errors import AmbiguousError, CkptError, PickleError, UnreadableError
 from .formats.legacy import read_legacy
 from .formats.nodes import Global, Storage, TensorRef
+from .formats.safety import Safety
 from .formats.safetensors import SafeTensor, read_safetensors
 from .formats.torchzip import Archive, read_archive, read_record
 from .formats.unpickler import PickleTruncated, Unpickled, unpickle
@@ -46,14 +48,16 @@ class CheckpointFile:
     storages: dict[str, Storage] = field(default_factory=dict)
     tensors: list[Any] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # format-specific (sys_info, metadata)
+    # what torch.load of this file would run (JSON and safetensors files: nothing)
+    safety: Safety = field(default_factory=Safety)
 
     @property
     def unsafe_globals(self) -> list[str]:
-        return sorted(q for q, g in self.globals.items() if g.safety == "dangerous")
+        return self.safety.unsafe_globals
 
     @property
     def opaque_globals(self) -> list[str]:
-        return sorted(q for q, g in self.globals.items() if g.safety == "opaque")
+        return self.safety.trust_globals
 
 
 class Checkpoint:
@@ -141,7 +145,44 @@ class Checkpoint:
 
     @property
     def unsafe(self) -> bool:
-        return bool(self.unsafe_globals)
+        return self.safety.unsafe
+
+    @property
+    def notes(self) -> list[str]:
+        """What is odd about the files: a pickle followed by bytes torch never reads, a pickle
+        that breaks, archive tricks (CRC, names, duplicates), read-only formats."""
+        out = []
+        for f in self.files:
+            who = f"{f.name}: " if self.is_folder else ""
+            if "broken" in f.extra:
+                out.append(f"{who}{f.extra['broken']} (torch.load runs what comes before, then "
+                           "fails)")
+            if f.extra.get("trailing"):
+                out.append(f"{who}{f.extra['trailing']} bytes after the pickle ("
+                           f"{f.extra['trailing_kind']}) are never read by torch.load"
+                           + (": a pickle-then-zip polyglot; torch.load runs the pickle in "
+                              "front" if f.extra["trailing_kind"] == "a zip archive" else ""))
+            for trick in f.extra.get("tricks", ()):
+                out.append(f"{who}{trick}")
+        return out
+
+    @cached_property
+    def safety(self) -> Safety:
+        """The verdict over every file torch.load would unpickle, with the tree pointer of
+        each call that built an object in the tree (the others keep their byte offset)."""
+        from .tree import walk_all
+        out = Safety()
+        for f in self.files:
+            part = f.safety
+            if any(c.node is not None for c in part.calls):
+                where = {id(c.node): c for c in part.calls if c.node is not None}
+                base = join("", f.name) if self.is_folder else ""
+                for ptr, obj, _ in walk_all(f.root, base):
+                    c = where.get(id(obj))
+                    if c is not None and c.pointer is None:
+                        c.pointer = ptr
+            out.merge(part, f.name)
+        return out
 
     # -- what is inside --------------------------------------------------------------------
     @cached_property
@@ -301,10 +342,10 @@ def _looks_safetensors(head: bytes, size: int) -> bool:
     return 2 <= n <= size - 8 and head[8:9] == b"{"
 
 
-def read_file(path: str, name: str = "", allow_pickle: bool = False) -> CheckpointFile:
+def read_file(path: str, name: str = "") -> CheckpointFile:
     """Parse one file into a :class:`CheckpointFile`, reading metadata only."""
     try:
-        return _read_file(path, name, allow_pickle)
+        return _read_file(path, name)
     except (struct.error, EOFError, UnicodeError) as e:
         # what the format parsers raise when bytes run short or a name does not decode; any
         # other exception is a bug in ckpttool and must not be blamed on the file
@@ -314,7 +355,7 @@ def read_file(path: str, name: str = "", allow_pickle: bool = False) -> Checkpoi
         raise UnreadableError(f"cannot read the file ({e.strerror or e})", path=path) from None
 
 
-def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
+def _read_file(path: str, name: str) -> CheckpointFile:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -336,17 +377,66 @@ def _read_file(path: str, name: str, allow_pickle: bool) -> CheckpointFile:
                                   tensors=list(tensors.values()), extra={"metadata": meta})
         if name.endswith(".json") or (name and head.lstrip()[:1] in (b"{", b"[")):
             return _read_json(path, name, fd, size)
-        if allow_pickle and head[:1] == b"\x80":
-            data = os.pread(fd, size, 0)
-            try:
-                u = unpickle(data)
-            except UnreadableError as e:
-                raise UnreadableError(e.message, path=path) from None
-            return CheckpointFile(name, path, "pickle", size, u.root, globals=u.globals,
-                                  storages=u.storages)
-        raise _sniff_error(path, head, size)
+        if len(head) > 262 and head[257:262] == b"ustar":
+            return _read_tar(path, name, fd, size)
+        # anything else torch.load treats as the legacy format: it unpickles the front
+        return _read_pickle(path, name, fd, size, head)
     finally:
         os.close(fd)
+
+
+def _read_growing(fd: int, size: int, parse: Any) -> Any:
+    """``parse(prefix)`` on a growing prefix of the file (1 MB, x8) until it needs no more."""
+    limit = 1 << 20
+    while True:
+        data = os.pread(fd, min(size, limit), 0)
+        try:
+            return parse(data)
+        except PickleTruncated:  # only a cut-off pickle can parse with a longer prefix
+            if limit >= size:
+                raise
+            limit *= 8
+
+
+def _broken(path: str, name: str, fmt: str, size: int, e: PickleError,
+            what: str) -> CheckpointFile:
+    """A pickle that breaks after a dangerous call: torch.load runs the call, then fails.
+    The file is kept (its verdict is the point); its tree is empty."""
+    safety = getattr(e, "safety", None)
+    if safety is None or not safety.unsafe:
+        raise UnreadableError(f"{what}: {e}", path=path) from None
+    return CheckpointFile(name, path, fmt, size, None, safety=safety,
+                          extra={"broken": f"{what}: {e}"})
+
+
+def _read_pickle(path: str, name: str, fd: int, size: int, head: bytes) -> CheckpointFile:
+    """A plain pickle (``pickle.dump`` output), or a file torch.load would unpickle anyway:
+    the front of a pickle-then-zip polyglot. The verdict is about that front."""
+    try:
+        u = _read_growing(fd, size, unpickle)
+    except PickleError as e:
+        safety = getattr(e, "safety", None)
+        if safety is None or not safety.calls:  # not a pickle at all: say what it is
+            raise _sniff_error(path, head, size) from None
+        return _broken(path, name, "pickle", size, e, "a plain pickle that breaks")
+    extra: dict[str, Any] = {"end": u.end}
+    if u.end < size:
+        tail = os.pread(fd, 4, u.end)
+        extra["trailing"] = size - u.end
+        extra["trailing_kind"] = ("a zip archive" if tail == b"PK\x03\x04" else "other bytes")
+    return CheckpointFile(name, path, "pickle", size, u.root, None, u.globals, u.storages,
+                          _tensors(u), extra=extra, safety=u.safety)
+
+
+def _read_tar(path: str, name: str, fd: int, size: int) -> CheckpointFile:
+    from .formats.tar import read_tar
+    with os.fdopen(os.dup(fd), "rb") as f:
+        try:
+            main, safety = read_tar(path, f)
+        except PickleError as e:
+            return _broken(path, name, "torch-tar", size, e, "pre-1.0 tar checkpoint")
+    return CheckpointFile(name, path, "torch-tar", size, main.root, None, main.globals,
+                          safety=safety, extra={"read_only": "the pre-1.0 tar format"})
 
 
 def _read_json(path: str, name: str, fd: int, size: int) -> CheckpointFile:
@@ -364,8 +454,21 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         archive = read_archive(path, fd, size)
     except (EOFError, struct.error):
         raise UnreadableError(f"a zip archive that is truncated or corrupt", path=path) from None
-    data = read_record(path, fd, archive.records["data.pkl"])
-    u = _unpickle_checked(path, data)
+    pkl = archive.records["data.pkl"]
+    data = read_record(path, fd, pkl, check_crc=False)  # torch.load does not check it either
+    tricks = list(archive.tricks)
+    bad_crc = bool(pkl.crc) and zlib.crc32(data) != pkl.crc
+    if bad_crc:
+        tricks.append("data.pkl fails its CRC check (torch.load does not check): its bytes "
+                      "changed after the save")
+    try:
+        u = unpickle(data)
+    except PickleError as e:
+        what = "data.pkl fails its CRC check (corrupt: a flipped bit or a bad copy) and " \
+            "does not parse" if bad_crc else "data.pkl"
+        f = _broken(path, name, "torch-zip", size, e, what)
+        f.extra["tricks"] = tricks
+        return f
     for key, st in u.storages.items():
         rec = archive.records.get(f"data/{key}")
         if rec is None:
@@ -376,7 +479,7 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
                                   f"pickle declares {st.nbytes} (corrupt)", path=path)
         st.record = rec
     f = CheckpointFile(name, path, "torch-zip", size, u.root, archive, u.globals, u.storages,
-                       _tensors(u))
+                       _tensors(u), safety=u.safety, extra={"tricks": tricks} if tricks else {})
     _read_tiny_values(fd, f)
     return f
 
@@ -391,24 +494,19 @@ def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
             break
         except PickleTruncated as e:  # only a cut-off pickle can parse with a longer prefix
             if limit >= size:
-                raise UnreadableError(f"legacy torch file, truncated or corrupt: "
-                                      f"{e}", path=path) from None
+                return _broken(path, name, "torch-legacy", size, e,
+                               "legacy torch file, truncated or corrupt")
             limit *= 8
+        except PickleError as e:
+            return _broken(path, name, "torch-legacy", size, e, "legacy torch file")
         except UnreadableError as e:
             if e.path is not None:  # the legacy reader named the file itself
                 raise
             raise UnreadableError(f"legacy torch file: {e.message}", path=path) from None
     f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, meta.pop("globals"),
-                       main.storages, _tensors(main), extra=meta)
+                       main.storages, _tensors(main), extra=meta, safety=meta.pop("safety"))
     _read_tiny_values(fd, f)
     return f
-
-
-def _unpickle_checked(path: str, data: bytes) -> Unpickled:
-    try:
-        return unpickle(data)
-    except UnreadableError as e:
-        raise UnreadableError(f"data.pkl: {e.message}", path=path) from None
 
 
 def _tensors(u: Unpickled) -> list[TensorRef]:
@@ -503,6 +601,32 @@ def _folder_kind(names: set[str]) -> str:
     return "folder"
 
 
+def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint that is about to be edited and saved: an unsafe one is refused here,
+    before any edit (:class:`UnsafeCheckpointError`), and so is a format ckpttool reads but
+    does not write (a plain pickle, the pre-1.0 tar format, a pickle that breaks)."""
+    from .errors import UnsafeCheckpointError
+    ckpt = open_checkpoint(path)
+    if ckpt.unsafe:
+        raise UnsafeCheckpointError(
+            "refusing to edit: " + ckpt.safety.headline() + ". Nothing was written.",
+            path=ckpt.path)
+    for f in ckpt.files:
+        if f.extra.get("tricks"):
+            raise CkptError(f"{f.path}: " + "; ".join(f.extra["tricks"]) + ": ckpttool reads "
+                            "such an archive but does not write from it", path=ckpt.path,
+                            hint="if you trust it, load it with torch and torch.save it, then "
+                                 "edit the new file")
+        if f.root is None or f.format in ("pickle", "torch-tar"):
+            what = {"pickle": "a plain pickle (not a torch.save file)",
+                    "torch-tar": "the pre-1.0 torch tar format"}.get(f.format, "broken")
+            raise CkptError(f"{f.path} is {what}: ckpttool reads it but does not write it",
+                            path=ckpt.path,
+                            hint="load it with torch (if you trust it) and torch.save it, then "
+                                 "edit the new file")
+    return ckpt
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint file or folder for reading (metadata only; nothing of it runs)."""
     p = os.fspath(path)
@@ -524,7 +648,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     for n in names:
         fp = os.path.join(p, n)
         if n.endswith(_FOLDER_SUFFIXES) and os.path.isfile(fp):
-            files.append(read_file(fp, n, allow_pickle=True))
+            files.append(read_file(fp, n))
         else:
             other.append(n + "/" if os.path.isdir(fp) and not os.path.islink(fp) else n)
     if not any(f.format in ("torch-zip", "torch-legacy", "safetensors") for f in files):

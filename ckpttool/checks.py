@@ -406,9 +406,15 @@ def check_devices(ctx: Context) -> Iterator[Finding]:
 
 def check_loading(ctx: Context) -> Iterator[Finding]:
     if ctx.ckpt.unsafe:
-        yield Finding("unsafe", FAIL, "", "the file references "
-                      + ", ".join(ctx.ckpt.unsafe_globals) + ", which would run code when "
-                      "loaded", "do not torch.load it with weights_only=False")
+        yield Finding("unsafe", FAIL, "", ctx.ckpt.safety.headline(),
+                      "do not torch.load it with weights_only=False")
+    for f in ctx.ckpt.files:
+        where = join("", f.name) if ctx.ckpt.is_folder else ""
+        for trick in f.extra.get("tricks", ()):
+            crc = trick.startswith("data.pkl fails its CRC")
+            yield Finding("crc" if crc else "archive-trick", FAIL if crc else WARN, where,
+                          trick, "restore the file from another copy" if crc else
+                          "re-save it with torch.save if you trust it")
     outside = {q for f in ctx.ckpt.files if f.format in ("torch-zip", "torch-legacy")
                for q, g in f.globals.items()
                if g.safety != "dangerous" and _norm(q) not in ALLOWED}

@@ -155,7 +155,7 @@ def set_lr_cmd(path: str, lr: float | None, scale: float | None, keep_ratios: bo
 
     Example: ckpttool set-lr ckpt.pth 1e-4
     """
-    from .checkpoint import open_checkpoint
+    from .checkpoint import open_for_edit
     from .edits.set_lr import set_lr
     from .errors import EditError
 
@@ -167,7 +167,7 @@ def set_lr_cmd(path: str, lr: float | None, scale: float | None, keep_ratios: bo
         if (lr is None) == (scale is None):
             raise EditError("give the new learning rate LR or --scale F (one of them)",
                             hint="for example `ckpttool set-lr ckpt.pth 1e-4`")
-        plan = set_lr(open_checkpoint(path), lr, scale=scale,
+        plan = set_lr(open_for_edit(path), lr, scale=scale,
                       ratios="keep" if keep_ratios else ("same" if same else None),
                       groups=list(groups) or None, optimizer=optimizer, scheduler=scheduler,
                       no_scheduler=no_scheduler, base_lr=base_lr)
@@ -189,12 +189,12 @@ def set_cmd(path: str, assignments: tuple[str, ...], groups: tuple[int, ...],
 
     Example: ckpttool set ckpt.pth weight_decay=0.05 betas=0.9,0.95
     """
-    from .checkpoint import open_checkpoint
+    from .checkpoint import open_for_edit
     from .edits.set_hparams import set_hparams
 
     def go() -> None:
         values = _parse_assignments(assignments)
-        plan = set_hparams(open_checkpoint(path), values, list(groups) or None, optimizer,
+        plan = set_hparams(open_for_edit(path), values, list(groups) or None, optimizer,
                            force)
         _finish(plan, output, force, backup, dry_run)
     _run(go)
@@ -225,11 +225,11 @@ def move(path: str, device: str, pointer: str, output: str | None, force: bool, 
 
     Example: ckpttool move ckpt.pth cpu
     """
-    from .checkpoint import open_checkpoint
+    from .checkpoint import open_for_edit
     from .edits.move import move as move_edit
 
     def go() -> None:
-        _finish(move_edit(open_checkpoint(path), device, pointer), output, force, backup,
+        _finish(move_edit(open_for_edit(path), device, pointer), output, force, backup,
                 dry_run)
     _run(go)
 
@@ -252,7 +252,7 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
 
     Example: ckpttool merge-groups ckpt.pth --groups 0,1
     """
-    from .checkpoint import open_checkpoint
+    from .checkpoint import open_for_edit
     from .edits.merge_groups import merge_groups
     from .errors import EditError
 
@@ -261,7 +261,7 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
             sel = [int(x) for x in groups.split(",")] if groups else None
         except ValueError:
             raise EditError(f"--groups takes indices like 0,2, not {groups!r}") from None
-        plan = merge_groups(open_checkpoint(path), sel, _parse_assignments(sets), optimizer,
+        plan = merge_groups(open_for_edit(path), sel, _parse_assignments(sets), optimizer,
                             scheduler, no_scheduler, force)
         _finish(plan, output, force, backup, dry_run)
     _run(go)
@@ -322,11 +322,11 @@ def convert(path: str, target: str, sets: tuple[str, ...], moments: str, step: i
 
     Example: ckpttool convert ckpt.pth --to adam --set lr=1e-3
     """
-    from .checkpoint import open_checkpoint
+    from .checkpoint import open_for_edit
     from .edits.convert import convert as convert_edit
 
     def go() -> None:
-        plan = convert_edit(open_checkpoint(path), target, sets=_parse_assignments(sets),
+        plan = convert_edit(open_for_edit(path), target, sets=_parse_assignments(sets),
                             moments=moments, step=step, optimizer=optimizer)
         _finish(plan, output, force, backup, dry_run)
     _run(go)

@@ -73,7 +73,10 @@ class UnreadableError(CkptError):
 
 
 class PickleError(UnreadableError):
-    """data.pkl (or a legacy pickle) is malformed or exceeds a safety bound."""
+    """data.pkl (or a legacy pickle) is malformed or exceeds a safety bound. ``safety`` is the
+    verdict on what loading would have run before the break (a ``formats.safety.Safety``)."""
+
+    safety: object = None
 
 
 class CRCMismatchError(UnreadableError):

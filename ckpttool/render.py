@@ -156,6 +156,8 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
         "size": ckpt.size,
         "files": [{"name": f.name, "format": f.format, "size": f.size} for f in ckpt.files]
         if ckpt.is_folder else [],
+        "safety": ckpt.safety.to_json(),
+        "notes": ckpt.notes,
         "unsafe": ckpt.unsafe,
         "unsafe_globals": ckpt.unsafe_globals,
         "opaque_globals": ckpt.opaque_globals,
@@ -209,20 +211,38 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def safety_lines(ckpt: Checkpoint) -> list[str]:
+    """The ``safety:`` line, then for an unsafe file each unsafe call, where and why."""
+    sf = ckpt.safety
+    head = sf.headline()
+    if sf.unsafe:
+        head += ". Do not torch.load it with weights_only=False; ckpttool will not write from it"
+    out = [f"safety:  {head}"]
+    if sf.unsafe:
+        for c in sf.calls:
+            if c.level == "unsafe":
+                args = f"({c.args_summary})" if c.args_summary else ""
+                where = (f" at {c.pointer or '/'}" if c.pointer is not None
+                         else f" at byte {c.offset}" if c.offset >= 0 else "")
+                of = f" of {c.file}" if c.file else ""
+                n = f" (x{c.count})" if c.count > 1 else ""
+                out.append(f"  unsafe: {c.global_}{args}{where}{of}{n}: {c.why}")
+    return out
+
+
 def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = False,
               stats: bool = False) -> str:
     """The ``show`` text report."""
     lines = [f"file:    {ckpt.path}", f"format:  {ckpt.format}",
              f"size:    {_human(ckpt.size)} ({ckpt.size} bytes)"]
+    lines += safety_lines(ckpt)
     tl = top_level(ckpt)
     if tl:
         lines.append("files:" if ckpt.is_folder else "keys:")
         width = max(len(k) for k in tl)
         lines += [f"  {k:<{width}}  {v}" for k, v in tl.items()]
-    if ckpt.unsafe:
-        lines.append("UNSAFE: this file calls code on load (" + ", ".join(ckpt.unsafe_globals)
-                     + "). Do not torch.load it with weights_only=False; ckpttool will not "
-                     "write from it.")
+    for note in ckpt.notes:
+        lines.append(f"note:    {note}")
     if ckpt.is_folder and ckpt.other_files:
         lines.append("other files (kept as they are): " + ", ".join(ckpt.other_files))
     if ckpt.opaque_globals:

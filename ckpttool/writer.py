@@ -230,7 +230,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
     of the tree (``storage.pid``, see :mod:`ckpttool.edits.move`). ``progress(done, total)``
     is called as payload bytes are written. Returns a :class:`WriteResult`.
     """
-    if source.unsafe_globals:
+    if source.safety.unsafe:
         raise UnsafeCheckpointError(
             f"{source.path}: refusing to write from an unsafe checkpoint: it references "
             f"{', '.join(source.unsafe_globals)}, which would run code when loaded. Nothing "

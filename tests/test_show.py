@@ -120,7 +120,12 @@ def test_unsafe_fixture_is_described_without_running(tmp_path: Path) -> None:
     assert doc["optimizers"][0]["type"] == "SGD"
     result = CliRunner().invoke(cli, ["show", str(FIXTURES / "unsafe_exec.pt")])
     assert result.exit_code == 0
-    assert "UNSAFE: this file calls code on load (__builtin__.exec)" in result.output
+    assert result.output.splitlines()[3:5] == [
+        "safety:  UNSAFE: loading it would run __builtin__.exec at /payload: a builtin that "
+        "runs or reaches code. Do not torch.load it with weights_only=False; ckpttool will not "
+        "write from it",
+        "  unsafe: __builtin__.exec(\"open('/tmp/ckpttool_pwned_marker_exec...\") at /payload: "
+        "a builtin that runs or reaches code"]
     assert not marker.exists()
 
 

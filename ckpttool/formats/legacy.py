@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UnreadableError
+from ..errors import PickleError, UnreadableError
 from .nodes import Storage
+from .safety import Safety
 from .unpickler import Unpickled, unpickle
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
@@ -28,15 +29,29 @@ class LegacyRecord:
 
 def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict[str, Any]]:
     """Parse a legacy file whose leading bytes are ``data`` (the pickles; storages follow)."""
-    magic = unpickle(data, 0)
+    safety = Safety()  # torch.load unpickles all five: what each runs counts
+
+    def part(pos: int) -> Unpickled:
+        try:
+            u = unpickle(data, pos)
+        except PickleError as e:
+            partial = Safety()
+            partial.merge(safety)
+            partial.merge(getattr(e, "safety", None) or Safety())
+            e.safety = partial
+            raise
+        safety.merge(u.safety)
+        return u
+
+    magic = part(0)
     if magic.root != MAGIC_NUMBER:
         raise UnreadableError(f"a plain pickle, not a torch.save checkpoint", path=path)
-    proto = unpickle(data, magic.end)
+    proto = part(magic.end)
     if proto.root != PROTOCOL_VERSION:
         raise UnreadableError(f"legacy torch file with unknown protocol {proto.root!r}", path=path)
-    info = unpickle(data, proto.end)
-    main = unpickle(data, info.end)
-    keys = unpickle(data, main.end)
+    info = part(proto.end)
+    main = part(info.end)
+    keys = part(main.end)
     if not isinstance(keys.root, list) or not all(isinstance(k, str) for k in keys.root):
         raise UnreadableError(f"legacy torch file without its storage key list", path=path)
     off = keys.end
@@ -57,8 +72,8 @@ def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict
         st.record = records[key]
     # torch.load unpickles all five pickles: globals named outside the main object count too
     globals_ = dict(main.globals)
-    for part in (magic, proto, info, keys):
-        for q, g in part.globals.items():
+    for u in (magic, proto, info, keys):
+        for q, g in u.globals.items():
             globals_.setdefault(q, g)
-    meta = {"sys_info": info.root, "end": off, "globals": globals_}
+    meta = {"sys_info": info.root, "end": off, "globals": globals_, "safety": safety}
     return main, meta

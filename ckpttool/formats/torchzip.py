@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import UnreadableError
 
@@ -46,6 +46,9 @@ class Archive:
     records: dict[str, Record]  # by name without prefix, in archive order
     file_size: int
     offset_delta: int  # bytes of garbage before the archive (0 for a clean file)
+    # what torch.load tolerates but a clean torch.save never writes (duplicate members, local
+    # names that differ from the central directory's, backslashes): said, never hidden
+    tricks: list[str] = field(default_factory=list)
 
 
 def _pread(fd: int, n: int, off: int) -> bytes:
@@ -83,6 +86,7 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
                               "(truncated or corrupt)", path=path)
     cd = _pread(fd, cd_size, cd_offset + delta)
     records: dict[str, Record] = {}
+    tricks: list[str] = []
     p = 0
     prefix = ""
     for _ in range(n_entries):
@@ -95,9 +99,12 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
         p += _CDIR.size + nlen + xlen + clen
         if 0xFFFFFFFF in (csize, usize, hoff):
             usize, csize, hoff = _zip64_extra(extra, usize, csize, hoff)
-        if "/" not in name or name.startswith("/") or "\\" in name or \
+        if "/" not in name or name.startswith("/") or \
                 any(part == ".." for part in name.split("/")):
             raise UnreadableError(f"zip member {name!r} is not a torch record name", path=path)
+        if "\\" in name and not any("backslash" in t for t in tricks):
+            tricks.append(f"zip member {name!r} has a backslash in its name (torch.save never "
+                          "writes one; torch.load reads it as part of the name)")
         if not prefix:
             prefix = name.split("/", 1)[0]
         if not name.startswith(prefix + "/"):
@@ -105,7 +112,9 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
                                   f"({prefix!r} and {name!r}); not a torch.save file", path=path)
         short = name[len(prefix) + 1:]
         if short in records:
-            raise UnreadableError(f"zip member {name!r} appears twice", path=path)
+            tricks.append(f"zip member {name!r} appears twice: torch.load reads the first, "
+                          "ckpttool too")
+            continue
         if flags & 0x1:
             raise UnreadableError(f"zip member {name!r} is encrypted", path=path)
         hoff += delta
@@ -116,8 +125,9 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
         (_, _, _, _, _, _, _, _, _, lnlen, lxlen) = _LOCAL.unpack(local)
         lname = _pread(fd, lnlen, hoff + _LOCAL.size).decode("utf-8", "replace")
         if lname != name:
-            raise UnreadableError(f"zip member {name!r} is named {lname!r} in its "
-                                  "local header; refusing an ambiguous archive", path=path)
+            tricks.append(f"zip member {name!r} is named {lname!r} in its local header: "
+                          "torch.load goes by the central directory's name, ckpttool too (other "
+                          "zip tools may read another member)")
         data_offset = hoff + _LOCAL.size + lnlen + lxlen
         if data_offset + csize > file_size:
             raise UnreadableError(f"zip member {name!r} runs past the end of the "
@@ -126,7 +136,7 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
     if "data.pkl" not in records:
         raise UnreadableError(f"a zip archive without data.pkl: not a torch.save "
                               f"checkpoint (members: {', '.join(list(records)[:5])})", path=path)
-    return Archive(path, prefix, records, file_size, delta)
+    return Archive(path, prefix, records, file_size, delta, tricks)
 
 
 def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, int, int]:
@@ -146,8 +156,10 @@ def _zip64_extra(extra: bytes, usize: int, csize: int, hoff: int) -> tuple[int, 
     return usize, csize, hoff
 
 
-def read_record(path: str, fd: int, rec: Record, limit: int = MAX_PICKLE_BYTES) -> bytes:
-    """The uncompressed bytes of a record (used for data.pkl and small records)."""
+def read_record(path: str, fd: int, rec: Record, limit: int = MAX_PICKLE_BYTES,
+                check_crc: bool = True) -> bytes:
+    """The uncompressed bytes of a record (used for data.pkl and small records); with
+    ``check_crc`` a record whose bytes fail their CRC is refused."""
     if rec.usize > limit:
         raise UnreadableError(f"record {rec.name} would be {rec.usize} bytes, over the "
                               f"{limit}-byte limit", path=path)
@@ -175,7 +187,7 @@ def read_record(path: str, fd: int, rec: Record, limit: int = MAX_PICKLE_BYTES) 
                               f"{rec.usize} its zip entry declares (truncated or corrupt)",
                               path=path)
     # torch may write CRC 0 (serialization config compute_crc32=False): only check real ones
-    if rec.crc and zlib.crc32(out) != rec.crc:
+    if check_crc and rec.crc and zlib.crc32(out) != rec.crc:
         raise UnreadableError(f"record {rec.name} fails its CRC check (corrupt: a "
                               "flipped bit or a bad copy)", path=path)
     return out

@@ -1,13 +1,17 @@
 """A restricted pickle interpreter: the only code in ckpttool that reads pickle opcodes.
 
-It executes no code from the pickle. Globals become :class:`~.nodes.Global` records classified
-by :mod:`.safety`; calls become :class:`~.nodes.Reduce` records (or :class:`~.nodes.TensorRef`
-for torch's tensor rebuild functions); persistent ids become :class:`~.nodes.Storage`. A few
+It executes no code from the pickle. Globals become :class:`~.nodes.Global` records; calls
+become :class:`~.nodes.Reduce` records (or :class:`~.nodes.TensorRef` for torch's tensor
+rebuild functions); persistent ids become :class:`~.nodes.Storage`. Every lookup and call that
+loading would perform is judged as it is read (:mod:`.safety`), so the verdict (``safety`` of
+the result) is known even when the pickle breaks later: a :class:`PickleError` carries the
+verdict reached before the break. A few
 calls of harmless builtins (``OrderedDict()``, ``set([...])``, ``_codecs.encode(s, "latin1")``,
 ``bytes()``, ``complex(a, b)``) are evaluated by this module's own code so the tree holds the
 usual Python values; one that would fail (a string that is not Latin-1, an int too large for a
 float) stays a recorded call, as torch.load would fail on it. Every opcode of protocols 0-5 is
-understood except the extension registry and out-of-band buffers, which are refused. Bounds:
+understood except out-of-band buffers, which are refused; the extension registry (``EXT``) and
+``STACK_GLOBAL`` operands computed at load time are read as unsafe lookups. Bounds:
 the input size, the stack, and (checked by :func:`check_shape`) the nesting depth and the size
 of the tree once shared references expand. Malformed input raises :class:`PickleError`, never
 another exception.
@@ -24,7 +28,10 @@ from typing import Any, Callable
 from ..errors import PickleError
 from .nodes import (FROM_TYPE_REBUILDERS, PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce,
                     Storage, TensorRef)
-from .safety import classify
+from .safety import (ALLOWED, GETATTR, NEEDS_TRUST, RECONSTRUCTORS, UNSAFE, WEIGHTS_ONLY, Call, Safety,
+                     judge_global, normalize, summarize)
+
+_NODE_SAFETY = {WEIGHTS_ONLY: "allowed", NEEDS_TRUST: "opaque", UNSAFE: "dangerous"}
 
 MAX_STACK = 1_000_000
 MAX_DEPTH = 400
@@ -47,8 +54,10 @@ class Unpickled:
     """The result of reading one pickle: the root object plus what it referenced."""
 
     def __init__(self, root: Any, end: int, globals_: dict[str, Global],
-                 storages: dict[str, Storage], tensors: list[TensorRef]) -> None:
+                 storages: dict[str, Storage], tensors: list[TensorRef],
+                 safety: Safety | None = None) -> None:
         self.root = root
+        self.safety = safety or Safety()  # what torch.load of this pickle would run
         self.tensors = tensors  # every tensor node, in pickle order
         self.end = end  # offset just past STOP
         self.globals = globals_  # qualname -> Global (first one met)
@@ -91,36 +100,13 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     return NotImplemented
 
 
-_GETATTR = frozenset({"builtins.getattr", "__builtin__.getattr"})
-
-
 def _benign_getattr(args: tuple[Any, ...]) -> bool:
-    """``getattr(Class, "public_name")`` on a class that is not dangerous itself."""
+    """``getattr(Class, "public_name")`` on a class that is not dangerous itself: mmengine's
+    message hub pickles statistics methods as ``getattr(HistoryBuffer, "min")``. Loading
+    fetches the attribute and stores it; calling the result is judged where it happens."""
     return (len(args) == 2 and isinstance(args[0], Global) and args[0].safety != "dangerous"
-            and isinstance(args[1], str) and args[1].isidentifier()
-            and not args[1].startswith("_"))
-
-
-def _settle_getattr(r: _Reader) -> None:
-    """Judge ``builtins.getattr`` by its uses, not its name.
-
-    mmengine's message hub pickles statistics methods as ``getattr(HistoryBuffer, "min")``:
-    loading fetches a public attribute of a class (after importing its module, as for any
-    class in a pickle) and stores it; nothing the file chose is called. Such a getattr is
-    "opaque" (the file needs trust, not weights_only), provided every use is one: a getattr
-    on anything else (a module, an object, a private or dunder name), a getattr global used
-    other than as such a call, or a fetched attribute that the pickle then calls, keeps it
-    dangerous.
-    """
-    if r.getattr_unsafe or not r.getattr_globals or \
-            any(id(g) not in r.getattr_funcs for g in r.getattr_globals):
-        return
-    for g in r.getattr_globals:
-        g.safety = "opaque"
-    for q in _GETATTR:
-        if q in r.globals:
-            first = r.globals[q]
-            r.globals[q] = Global(first.module, first.name, "opaque")
+            and args[0].name[:1].isupper() and isinstance(args[1], str)
+            and args[1].isidentifier() and not args[1].startswith("_"))
 
 
 def _wraps_tensor(args: tuple[Any, ...]) -> bool:
@@ -146,11 +132,11 @@ class _Reader:
         self.storages: dict[str, Storage] = {}
         self.tensors: list[TensorRef] = []
         self.hash_work = MAX_HASH_WORK
-        # getattr(SomeClass, "name") whose result is only stored (see settle_getattr)
-        self.getattr_globals: list[Global] = []  # every getattr global node made
-        self.getattr_calls: dict[int, Reduce] = {}  # id -> benign getattr call
-        self.getattr_funcs: set[int] = set()  # ids of the getattr nodes those calls used
-        self.getattr_unsafe = False
+        # the verdict so far: calls and lookups that are not weights-only, deduplicated by
+        # (global, level, why); ids of the global nodes judged as callables
+        self.calls: dict[tuple[str, str, str], Call] = {}
+        self.judged: set[int] = set()
+        self.value_levels: dict[tuple[str, str], tuple[str, str]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     def fail(self, what: str) -> PickleError:
@@ -216,34 +202,91 @@ class _Reader:
         self.stack = self.metastack.pop()
         return items
 
-    def make_global(self, module: str, name: str) -> Global:
+    def record(self, global_: str, args: Any, level: str, why: str, node: Any = None) -> None:
+        if level == WEIGHTS_ONLY:
+            return
+        key = (global_, level, why)
+        c = self.calls.get(key)
+        if c is None:
+            self.calls[key] = Call(global_, summarize(args), level, why, max(self.pos - 1, 0),
+                                   node=node)
+        else:
+            c.count += 1
+
+    def make_global(self, module: Any, name: Any) -> Global:
         if not isinstance(module, str) or not isinstance(name, str):
-            raise self.fail("global name is not a string")
+            # STACK_GLOBAL whose operands another call computed: the name is chosen at load time
+            by = ", ".join(dict.fromkeys(x.qualname for x in (module, name)
+                                         if isinstance(x, Reduce))) or "non-strings"
+            self.record(f"<STACK_GLOBAL computed by {by}>", (module, name), UNSAFE,
+                        "STACK_GLOBAL operands computed at load time: the global is chosen "
+                        "when the file is loaded")
+            return Global("<computed>", "<computed>", "dangerous")
         key = (module, name)
+        judged = self.value_levels.get(key)
+        if judged is None:
+            judged = self.value_levels[key] = judge_global(module, name)
         g = self.global_nodes.get(key)
         if g is None:
-            g = Global(module, name, classify(module, name))
+            g = Global(module, name, _NODE_SAFETY[judged[0]])
             self.global_nodes[key] = g
             self.globals.setdefault(g.qualname, g)
         # A fresh node per opcode keeps the pickle's object identity (memo) exact on rewrite.
-        node = Global(module, name, g.safety)
-        if g.qualname in _GETATTR:
-            self.getattr_globals.append(node)
-        return node
+        return Global(module, name, g.safety)
+
+    def judge_call(self, func: Any, args: tuple[Any, ...], kind: str, node: Any) -> None:
+        """Judge calling ``func(*args)`` (``kind`` as in :class:`Reduce`)."""
+        if isinstance(func, Global) and func.qualname in ALLOWED:
+            func.safety = "allowed"
+            return
+        if not isinstance(func, (Global, Reduce, TensorRef, Storage)):
+            return  # calling a constant (a str, a number, a container) only fails
+        if not isinstance(func, Global):
+            inner = func.qualname if isinstance(func, Reduce) else type(func).__name__
+            self.record(f"<result of {inner}>", args, UNSAFE,
+                        f"calls a callable computed at load time (the result of {inner})", node)
+            return
+        self.judged.add(id(func))
+        mod, name = normalize(func.module, func.name)
+        q = f"{mod}.{name}"
+        if q in GETATTR:
+            if kind == "reduce" and _benign_getattr(args):
+                level, why = NEEDS_TRUST, f"fetches {args[0].qualname}.{args[1]} (not called)"
+            else:
+                level, why = UNSAFE, "getattr on a module, an object or a private name " \
+                    "resolves code at load time"
+            self.record(func.qualname, args, level, why, node)
+            self.set_safety(func, level)
+            return
+        if q in RECONSTRUCTORS and kind == "reduce":
+            self.set_safety(func, NEEDS_TRUST)
+            if not args:
+                return
+            base = args[1] if q == "copyreg._reconstructor" and len(args) > 1 else None
+            plain = base is None or (isinstance(base, Global)
+                                     and normalize(base.module, base.name) == ("builtins",
+                                                                               "object"))
+            self.judge_call(args[0], tuple(args[2:3]) if base is not None else tuple(args[1:]),
+                            "newobj" if plain else "reduce", node)
+            if not plain:
+                self.judge_call(base, tuple(args[2:3]), "reduce", node)
+            return
+        level, why = judge_global(func.module, func.name,
+                                  "new" if kind.startswith("newobj") else "init", args)
+        self.set_safety(func, level)
+        self.record(func.qualname, args, level, why, node)
+
+    def set_safety(self, g: Global, level: str) -> None:
+        g.safety = _NODE_SAFETY[level]
+        if level == UNSAFE:  # the file-level record of the global shows the worst use
+            first = self.globals.get(g.qualname)
+            if first is not None and first.safety != "dangerous":
+                self.globals[g.qualname] = Global(g.module, g.name, "dangerous")
 
     def call(self, func: Any, args: Any, kind: str) -> Any:
         if not isinstance(args, tuple):
             raise self.fail("call arguments are not a tuple")
-        if isinstance(func, Reduce) and id(func) in self.getattr_calls:
-            self.getattr_unsafe = True  # the attribute fetched is called: code of its choice
-        if isinstance(func, Global) and func.qualname in _GETATTR:
-            node = Reduce(func, args, kind)
-            if kind == "reduce" and _benign_getattr(args):
-                self.getattr_calls[id(node)] = node
-                self.getattr_funcs.add(id(func))
-            else:
-                self.getattr_unsafe = True
-            return node
+        self.judge_call(func, args, kind, None)
         if isinstance(func, Global):
             if kind == "reduce" and func.safety != "dangerous":
                 value = _evaluate_builtin(func, args, self.check_hashable)
@@ -259,7 +302,31 @@ class _Reader:
                     self.check_tensor(t.base)
                 self.tensors.append(t)
                 return t
-        return Reduce(func, args, kind)
+        node = Reduce(func, args, kind)
+        for c in self.calls.values():  # the first call of each kind: find it in the tree later
+            if c.node is None and c.offset == self.pos - 1:
+                c.node = node
+        return node
+
+    def safety(self) -> Safety:
+        """The verdict on everything read so far."""
+        out = Safety()
+        for c in self.calls.values():
+            out.calls.append(c)
+        for key, (level, why) in self.value_levels.items():
+            if level == WEIGHTS_ONLY:
+                continue
+            nodes_called = False
+            g = self.global_nodes.get(key)
+            if g is not None and self.globals.get(g.qualname) is not None:
+                nodes_called = any(c.global_ == g.qualname for c in self.calls.values())
+            if not nodes_called:
+                out.calls.append(Call(f"{key[0]}.{key[1]}", "", level, why))
+        order = {UNSAFE: 0, NEEDS_TRUST: 1}
+        out.calls.sort(key=lambda c: order[c.level])
+        for c in out.calls:
+            out.add_reason(c.level, f"{c.global_}: {c.why}")
+        return out
 
     def check_tensor(self, t: TensorRef) -> None:
         """Refuse a tensor whose metadata torch would refuse: later code trusts it."""
@@ -305,6 +372,7 @@ class _Reader:
                 return self.pop()
             handler = dispatch.get(op)
             if handler is None:
+                self.pos -= 1  # the error names the opcode's own offset
                 raise self.fail(f"unsupported opcode 0x{op:02x}")
             handler(self)
 
@@ -753,6 +821,30 @@ def _reduce(r: _Reader) -> None:
     r.push(r.call(func, args, "reduce"))
 
 
+def _ext(r: _Reader, code: int) -> None:
+    # copyreg's extension registry maps the code to a global registered at load time (by a
+    # copyreg.add_extension call earlier in this or another pickle): not knowable from the file
+    r.record(f"<extension code {code}>", (code,), UNSAFE,
+             "EXT opcode: the global comes from copyreg's extension registry, chosen at load "
+             "time (copyreg.add_extension)")
+    r.push(Global("copyreg", f"<extension {code}>", "dangerous"))
+
+
+@_op(b"\x82")
+def _ext1(r: _Reader) -> None:
+    _ext(r, _u8(r.read(1))[0])
+
+
+@_op(b"\x83")
+def _ext2(r: _Reader) -> None:
+    _ext(r, _u16(r.read(2))[0])
+
+
+@_op(b"\x84")
+def _ext4(r: _Reader) -> None:
+    _ext(r, _i32(r.read(4))[0])
+
+
 @_op(b"\x81")
 def _newobj(r: _Reader) -> None:
     args = r.pop()
@@ -778,6 +870,11 @@ def _build(r: _Reader) -> None:
     target = r.top()
     if isinstance(target, Reduce):
         target.state = state
+    elif isinstance(target, Global):
+        # BUILD on a class or module object: pickle sets attributes of what it imported
+        r.record(target.qualname, (state,), UNSAFE,
+                 "BUILD on an imported class or module: sets its attributes at load time")
+        target.safety = "dangerous"
     elif type(target) is collections.OrderedDict and isinstance(state, dict) \
             and all(isinstance(k, str) and not k.startswith("__") for k in state):
         # a module state_dict's ``_metadata``: plain attributes, as pickle's default BUILD sets
@@ -848,12 +945,15 @@ def _children(obj: Any) -> list[Any] | None:
     return None
 
 
-def unpickle(data: bytes | memoryview, pos: int = 0) -> Unpickled:
+def unpickle(data: bytes | memoryview, pos: int = 0,
+             persistent: Callable[[Any], Any] | None = None) -> Unpickled:
     """Interpret the pickle starting at ``data[pos]``; never imports or calls what it names.
 
     Args:
         data: the bytes holding the pickle (more may follow its STOP opcode).
         pos: the offset of the pickle's first opcode.
+        persistent: what a persistent id becomes (default: torch.save's storage ids as
+            :class:`~.nodes.Storage`; the tar format uses tensor keys).
 
     Returns:
         The root object with the globals, storages and tensors it references, and the offset
@@ -864,10 +964,16 @@ def unpickle(data: bytes | memoryview, pos: int = 0) -> Unpickled:
         PickleError: the pickle is malformed or exceeds a bound.
     """
     r = _Reader(data, pos)
+    if persistent is not None:
+        r.persistent = persistent  # type: ignore[method-assign,assignment]
     try:
         root = r.load()
     except RecursionError:
-        raise PickleError("pickle nests too deeply") from None
+        e = PickleError("pickle nests too deeply")
+        e.safety = r.safety()
+        raise e from None
+    except PickleError as e:
+        e.safety = r.safety()  # what loading would have run before the break
+        raise
     check_shape(root)
-    _settle_getattr(r)
-    return Unpickled(root, r.pos, r.globals, r.storages, r.tensors)
+    return Unpickled(root, r.pos, r.globals, r.storages, r.tensors, r.safety())

@@ -87,6 +87,12 @@ def _data() -> dict[str, Any]:
     return data
 
 
+def weights_only_globals() -> frozenset[str]:
+    """The globals ``torch.load(weights_only=True)`` of the torch the knowledge was
+    generated from accepts (``torch._weights_only_unpickler._get_allowed_globals``)."""
+    return frozenset(_data()["weights_only_globals"])
+
+
 def torch_version() -> str:
     """Version of the torch the knowledge was generated from."""
     return str(_data()["torch_version"])

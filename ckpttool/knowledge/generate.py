@@ -440,9 +440,13 @@ def generate() -> dict[str, Any]:
             except Exception:  # noqa: BLE001
                 skipped_sched.append(name)
         base_keys = _scheduler_base_keys()
+    from torch._weights_only_unpickler import _get_allowed_globals
     return {
         "format_version": FORMAT_VERSION,
         "torch_version": torch.__version__,
+        # what torch.load(weights_only=True) accepts: ckpttool's safety verdicts judge a
+        # pickle against this list without importing torch
+        "weights_only_globals": sorted(_get_allowed_globals()),
         "optimizers": optimizers,
         "schedulers": schedulers,
         "scheduler_base_keys": base_keys,
