@@ -71,10 +71,21 @@ class OptimizerState:
         return [p for g in self.groups for p in g.params]
 
     def group_of(self, param: ParamId) -> int | None:
-        for g in self.groups:
-            if param in g.params:
-                return g.index
-        return None
+        """The index of the first group listing ``param`` (a dict built once: O(1))."""
+        index = self.__dict__.get("_group_index")
+        if index is None:
+            index = {}
+            for g in reversed(self.groups):
+                for p in g.params:
+                    try:
+                        index[p] = g.index
+                    except TypeError:  # an unhashable id (a malformed state): no index
+                        return next((g.index for g in self.groups if param in g.params), None)
+            self.__dict__["_group_index"] = index
+        try:
+            return index.get(param)
+        except TypeError:
+            return None
 
 
 @dataclass
