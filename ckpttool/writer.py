@@ -43,18 +43,19 @@ import os
 import shutil
 import stat
 import secrets
+import struct
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .checkpoint import CheckpointFile, read_file
+from .checkpoint import CheckpointFile
 from .errors import CkptError, UnreadableError, UnsafeCheckpointError, WriteError
 from .formats.nodes import Storage
 from .formats.pickler import dumps, zip_pid_renumbering
-from .formats.torchzip import read_record
+from .formats.torchzip import read_archive, read_record
+from .formats.unpickler import unpickle
 from .formats.torchzip_write import (DEFAULT_ALIGNMENT, Payload, Progress, WrittenRecord,
                                      write_archive)
-from .formats.unpickler import unpickle
 
 TMP_SUFFIX = ".ckpttool-tmp"
 
@@ -264,10 +265,16 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             raise CkptError(f"cannot write the edited tree as a pickle: {e}") from e
         data_pkl = canon
         reused = False
-        if src_pkl:
+        # the original data.pkl is kept when the new pickle is the same, byte for byte; an
+        # edit (a new root) never parses it again. Only for the file's own tree (root None:
+        # possibly changed in place by a caller of this low-level function) is the original
+        # parsed again, to tell "unchanged, though ckpttool's pickle of it differs in memo
+        # details" from "changed".
+        if src_pkl and canon == src_pkl:
+            data_pkl, reused = src_pkl, True
+        elif src_pkl and root is source.root:
             fresh = unpickle(src_pkl).root
-            if dumps(fresh, protocol=protocol,
-                     storage_pid=zip_pid_renumbering()) == canon:
+            if dumps(fresh, protocol=protocol, storage_pid=zip_pid_renumbering()) == canon:
                 data_pkl, reused = src_pkl, True
         records, alignment = _source_records(source, fd, data_pkl, order, new_records)
 
@@ -293,7 +300,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             os.close(tfd)
 
         # -- verify --------------------------------------------------------------------------
-        _verify(tmp, written, data_pkl, canon, protocol)
+        _verify(tmp, written, data_pkl)
 
         # -- backup, replace -----------------------------------------------------------------
         backup_path = None
@@ -364,29 +371,30 @@ def copy_file(src: str, out_path: str, *, force: bool = False) -> str:
     return target
 
 
-def _verify(tmp: str, written: list[WrittenRecord], data_pkl: bytes, canon: bytes,
-            protocol: int) -> None:
-    """Re-read the temp file with ckpttool's reader and compare it with what was meant."""
-    try:
-        f = read_file(tmp)
-    except UnreadableError as e:
-        raise WriteError(f"the new file did not read back ({e}); nothing was replaced") from e
-    if f.format != "torch-zip" or f.archive is None:
-        raise WriteError("the new file did not read back as a torch zip file; nothing was "
-                        "replaced")
-    got = [(r.name, r.data_offset, r.size, r.crc, r.method) for r in f.archive.records.values()]
-    want = [(r.name, r.data_offset, r.size, r.crc, 0) for r in written]
-    if got != want:
-        raise WriteError("the new file's records differ from what was written (sizes, "
-                        "offsets or CRCs); nothing was replaced")
+def _verify(tmp: str, written: list[WrittenRecord], data_pkl: bytes) -> None:
+    """Re-read the temp file's zip directory and data.pkl and compare them with what was
+    meant: every record's name, offset, size and CRC, and data.pkl's bytes (which were
+    pickled from the tree and checked to be the tree's pickle before writing). Tensor bytes
+    are not re-read: the writer checked their CRCs as it copied them."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
-        back = read_record(tmp, fd, f.archive.records["data.pkl"])
+        size = os.fstat(fd).st_size
+        try:
+            archive = read_archive(tmp, fd, size)
+            back = read_record(tmp, fd, archive.records["data.pkl"])
+        except (UnreadableError, EOFError, struct.error) as e:
+            raise WriteError(f"the new file did not read back ({e}); nothing was "
+                             "replaced") from e
     finally:
         os.close(fd)
-    if back != data_pkl or dumps(f.root, protocol=protocol) != canon:
-        raise WriteError("the new file's data.pkl does not read back to the tree that was "
-                        "written; nothing was replaced")
+    got = [(r.name, r.data_offset, r.size, r.crc, r.method) for r in archive.records.values()]
+    want = [(r.name, r.data_offset, r.size, r.crc, 0) for r in written]
+    if got != want or archive.tricks:
+        raise WriteError("the new file's records differ from what was written (sizes, "
+                        "offsets or CRCs); nothing was replaced")
+    if back != data_pkl:
+        raise WriteError("the new file's data.pkl is not the pickle that was written; "
+                         "nothing was replaced")
 
 
 def _make_backup(target: str) -> str:

@@ -165,15 +165,18 @@ class TensorRef(Reduce):
     0-d and tiny tensors when the reader read them (``step`` and friends), else ``None``.
     """
 
-    __slots__ = ("value",)
+    __slots__ = ("value", "plain")
 
     def __init__(self, func: Any, args: tuple[Any, ...], kind: str = "reduce") -> None:
         super().__init__(func, args, kind)
         self.value: Any = None
+        # a plain tensor rebuild (not a Parameter or subclass wrapper): the common case, whose
+        # metadata is read straight from its own args
+        self.plain = isinstance(func, Global) and func.qualname in TENSOR_REBUILDERS
 
     @property
     def is_parameter(self) -> bool:
-        return self.qualname in PARAMETER_REBUILDERS
+        return not self.plain and self.qualname in PARAMETER_REBUILDERS
 
     @property
     def is_wrapper(self) -> bool:
@@ -183,6 +186,8 @@ class TensorRef(Reduce):
     @property
     def base(self) -> TensorRef:
         """The plain tensor (a Parameter's data, the tensor a subclass is rebuilt from)."""
+        if self.plain:
+            return self
         if self.is_parameter:
             inner = self.args[0]
             if isinstance(inner, TensorRef):
@@ -198,23 +203,24 @@ class TensorRef(Reduce):
 
     @property
     def storage(self) -> Storage | None:
-        s = self.base.args[0] if self.base.args else None
+        args = self.args if self.plain else self.base.args
+        s = args[0] if args else None
         return s if isinstance(s, Storage) else None
 
     @property
     def offset(self) -> int:
-        return int(self.base.args[1])
+        return int((self.args if self.plain else self.base.args)[1])
 
     @property
     def shape(self) -> tuple[int, ...]:
-        size = self.base.args[2]
+        size = (self.args if self.plain else self.base.args)[2]
         if isinstance(size, Reduce):  # torch.Size((...))
             size = size.args[0] if size.args else ()
         return tuple(int(x) for x in size)
 
     @property
     def stride(self) -> tuple[int, ...]:
-        st = self.base.args[3]
+        st = (self.args if self.plain else self.base.args)[3]
         return tuple(int(x) for x in st) if isinstance(st, (tuple, list)) else ()
 
     @property
@@ -226,8 +232,8 @@ class TensorRef(Reduce):
 
     @property
     def dtype(self) -> str:
-        b = self.base
-        if b.qualname == "torch._utils._rebuild_tensor_v3" and len(b.args) > 6:
+        b = self if self.plain else self.base
+        if len(b.args) > 6 and b.qualname == "torch._utils._rebuild_tensor_v3":
             dt = b.args[6]
             return dt.name if isinstance(dt, Global) else str(dt)
         s = self.storage

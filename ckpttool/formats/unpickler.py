@@ -360,21 +360,104 @@ class _Reader:
 
     # -- the loop --------------------------------------------------------------------------
     def load(self) -> Any:
+        """The opcode loop. The commonest opcodes of torch.save output (memo puts and gets,
+        small ints, short strings, MARK, tuples, booleans, None) are handled inline on local
+        variables; the rest through their handlers. The stack bound is checked every 1024
+        opcodes (an opcode pushes at most one item)."""
         dispatch = _DISPATCH
         data = self.data
+        raw = self.raw
+        memo = self.memo
         n = len(data)
+        pos = self.pos
+        stack = self.stack
+        count = 0
+        u32 = _u32
         while True:
-            if self.pos >= n:
+            if pos >= n:
+                self.pos = pos
                 raise self.truncated("pickle ends without STOP (truncated)")
-            op = data[self.pos]
-            self.pos += 1
-            if op == 0x2E:  # STOP
+            op = data[pos]
+            pos += 1
+            count += 1
+            if not count & 1023 and len(stack) >= MAX_STACK:
+                self.pos = pos
+                raise self.fail("stack too deep")
+            if op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
+                k = 1 if op == 0x71 else 4
+                if pos + k > n or not stack:
+                    self.pos = pos
+                    raise self.truncated("needs more bytes but the pickle ends (truncated or "
+                                         "corrupt)") if pos + k > n else self.fail(
+                        "stack underflow")
+                memo[data[pos] if k == 1 else u32(data, pos)[0]] = stack[-1]
+                pos += k
+            elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+                k = 1 if op == 0x68 else 4
+                if pos + k > n:
+                    self.pos = pos
+                    raise self.truncated("needs more bytes but the pickle ends (truncated or "
+                                         "corrupt)")
+                idx = data[pos] if k == 1 else u32(data, pos)[0]
+                pos += k
+                try:
+                    stack.append(memo[idx])
+                except KeyError:
+                    self.pos = pos
+                    raise self.fail(f"memo key {idx} not found") from None
+            elif op == 0x4B:  # BININT1
+                if pos >= n:
+                    self.pos = pos
+                    raise self.truncated("needs 1 more bytes but the pickle ends (truncated "
+                                         "or corrupt)")
+                stack.append(data[pos])
+                pos += 1
+            elif op == 0x8C:  # SHORT_BINUNICODE
+                if pos >= n or pos + 1 + data[pos] > n:
+                    self.pos = pos
+                    raise self.truncated("needs more bytes but the pickle ends (truncated or "
+                                         "corrupt)")
+                end = pos + 1 + data[pos]
+                try:
+                    stack.append(str(raw[pos + 1:end], "utf-8", "surrogatepass"))
+                except UnicodeDecodeError:
+                    self.pos = pos
+                    raise self.fail("string is not UTF-8") from None
+                pos = end
+            elif op == 0x28:  # MARK
+                if len(self.metastack) >= MAX_DEPTH * 4:
+                    self.pos = pos
+                    raise self.fail("too many nested MARKs")
+                self.metastack.append(stack)
+                stack = self.stack = []
+            elif op == 0x29:  # EMPTY_TUPLE
+                stack.append(())
+            elif op == 0x85 or op == 0x86 or op == 0x87:  # TUPLE1-3
+                k = op - 0x84
+                if len(stack) < k:
+                    self.pos = pos
+                    raise self.fail("stack underflow")
+                t = tuple(stack[-k:])
+                del stack[-k:]
+                stack.append(t)
+            elif op == 0x89:  # NEWFALSE
+                stack.append(False)
+            elif op == 0x88:  # NEWTRUE
+                stack.append(True)
+            elif op == 0x4E:  # NONE
+                stack.append(None)
+            elif op == 0x2E:  # STOP
+                self.pos = pos
                 return self.pop()
-            handler = dispatch.get(op)
-            if handler is None:
-                self.pos -= 1  # the error names the opcode's own offset
-                raise self.fail(f"unsupported opcode 0x{op:02x}")
-            handler(self)
+            else:
+                handler = dispatch.get(op)
+                if handler is None:
+                    self.pos = pos - 1  # the error names the opcode's own offset
+                    raise self.fail(f"unsupported opcode 0x{op:02x}")
+                self.pos = pos
+                handler(self)
+                pos = self.pos
+                stack = self.stack
 
 
 def _op(code: bytes) -> Callable[[Callable[[_Reader], None]], Callable[[_Reader], None]]:
@@ -898,20 +981,23 @@ def check_shape(root: Any) -> None:
     """Refuse trees nested deeper than MAX_DEPTH or too large once shared references expand.
 
     Later walks visit each object once, but a caller rendering a tree naively would otherwise
-    be open to a "billion laughs" made of memo references.
+    be open to a "billion laughs" made of memo references. One iterative pass: each container's
+    children are listed once, and its expanded size is summed when its subtree is done.
     """
     sizes: dict[int, int] = {}
     on_path: set[int] = set()
-    stack: list[tuple[Any, int, bool]] = [(root, 0, False)]
+    stack: list[tuple[Any, int, list[Any] | None]] = [(root, 0, None)]
+    pop, push = stack.pop, stack.append
     while stack:
-        obj, depth, done = stack.pop()
+        obj, depth, kids = pop()
         oid = id(obj)
-        kids = _children(obj)
-        if kids is None:
-            continue
-        if done:
+        if kids is not None:  # the subtree is done
             on_path.discard(oid)
-            total = 1 + sum(sizes.get(id(k), 1) for k in kids)
+            total = 1 + len(kids)
+            for k in kids:
+                n = sizes.get(id(k))
+                if n is not None:
+                    total += n - 1
             if total > MAX_EXPANDED:
                 raise PickleError("pickle expands to more than 20 million objects "
                                   "through shared references (a memo bomb?)")
@@ -921,20 +1007,31 @@ def check_shape(root: Any) -> None:
             continue
         if depth > MAX_DEPTH:
             raise PickleError(f"pickle nests deeper than {MAX_DEPTH} levels")
+        kids = _children(obj)
+        if kids is None:
+            continue
         on_path.add(oid)
-        stack.append((obj, depth, True))
+        push((obj, depth, kids))
         for k in kids:
-            if _children(k) is not None and id(k) not in sizes:
-                stack.append((k, depth + 1, False))
+            if isinstance(k, _NESTED) and id(k) not in sizes:
+                push((k, depth + 1, None))
+
+
+_NESTED = (dict, list, tuple, set, frozenset, Reduce)
 
 
 def _children(obj: Any) -> list[Any] | None:
-    if isinstance(obj, dict):
+    t = type(obj)
+    if t is dict or t is collections.OrderedDict or isinstance(obj, dict):
         return [*obj.keys(), *obj.values()]
-    if isinstance(obj, (list, tuple, set, frozenset)):
+    if t is tuple or t is list or isinstance(obj, (list, tuple, set, frozenset)):
         return list(obj)
     if isinstance(obj, Reduce):
-        kids = [obj.func, *obj.args, *obj.items]
+        if isinstance(obj, TensorRef) and obj.plain:
+            # storage, offset, size and stride were checked by check_tensor: flat and small
+            kids = [*obj.args[4:], *obj.items]
+        else:
+            kids = [obj.func, *obj.args, *obj.items]
         for k, v in obj.dictitems:
             kids += [k, v]
         if obj.has_state:
