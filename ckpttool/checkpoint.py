@@ -222,8 +222,9 @@ class Checkpoint:
     def devices(self) -> dict[str, int]:
         """How many storages are tagged with each device."""
         out: dict[str, int] = {}
-        for u in self.storages:
-            out[u.storage.location] = out.get(u.storage.location, 0) + 1
+        for f in self.files:  # without building the per-storage list of ``storages``
+            for _, st, _ in storages(self.roots[f.name], "").values():
+                out[st.location] = out.get(st.location, 0) + 1
         return out
 
     @cached_property

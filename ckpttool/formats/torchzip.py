@@ -24,7 +24,7 @@ _CDIR = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s5H3L2H")
 
 
-@dataclass
+@dataclass(slots=True)
 class Record:
     """One archive member: ``name`` without the archive folder, where its bytes lie."""
 

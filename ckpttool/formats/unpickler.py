@@ -739,6 +739,8 @@ def _append_to(r: _Reader, target: Any, items: list[Any]) -> None:
     if isinstance(target, list):
         target.extend(items)
     elif isinstance(target, Reduce):
+        if not isinstance(target.items, list):
+            target.items = []
         target.items.extend(items)
     else:
         raise r.fail(f"APPEND on a {type(target).__name__}")
@@ -765,6 +767,8 @@ def _setitem(r: _Reader, target: Any, k: Any, v: Any) -> None:
         except TypeError:
             raise r.fail(f"unhashable dict key {type(k).__name__}") from None
     elif isinstance(target, Reduce):
+        if not isinstance(target.dictitems, list):
+            target.dictitems = []
         target.dictitems.append((k, v))
     else:
         raise r.fail(f"SETITEM on a {type(target).__name__}")
