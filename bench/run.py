@@ -48,6 +48,7 @@ QUICK = {"big": (322, "400 MB"), "small": (32, "4 MB")}
 SGD_FULL = (712, "1.3 GB")
 SGD_QUICK = (225, "130 MB")
 PARTS = ("main", "convert", "check")
+PAIRS: dict[str, tuple[list[float], list[float], list[int], list[float]]] = {}
 
 # Peak RSS: ru_maxrss from wait4() of the measured process.  A child forked
 # (vfork/posix_spawn) straight from this Python harness inherits the harness's
@@ -555,6 +556,24 @@ def main() -> int:
           before=rm_conv, check=convert_verifier(out_conv, sgd))
         m("torch convert", [PY, "-c", CONVERT_SAVE, str(sgd), str(out_conv)], before=rm_conv,
           check=convert_verifier(out_conv, sgd))
+        # set-lr -o against cp + sync of the same file, as pairs run in turn (the disk's
+        # speed drifts over minutes; a pair sees the same disk): the median of the ratios
+        log("set-lr vs cp+sync pairs (1.3 GB) ...")
+        cp_argv = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(sgd), str(out_conv)]
+        lr_argv = ck + ["set-lr", str(sgd), "1e-4", "-o", str(out_conv)]
+        run_once(lr_argv, rm_conv)  # warm-up
+        ratios, lr_walls, lr_rss, cp_walls = [], [], [], []
+        for _ in range(max(RUNS, 5)):
+            wc, _, rc1, _, _ = run_once(cp_argv, rm_conv)
+            wl, ml, rc2, _, err = run_once(lr_argv, rm_conv)
+            if rc1 or rc2:
+                log(f"  failed: {err[-200:]}")
+                break
+            ratios.append(wl / wc)
+            lr_walls.append(wl)
+            lr_rss.append(ml)
+            cp_walls.append(wc)
+        PAIRS["sgd set-lr"] = (ratios, lr_walls, lr_rss, cp_walls)
         rm_conv()
 
     if "check" in parts:
@@ -656,6 +675,17 @@ def main() -> int:
             rows[-1] = (op, w, mib, ratio, tg, pf)
         row(f"torch.load + SGD->Adam by hand + torch.save {sgd_label}", "torch convert",
             "sgd cp sync", "cp+sync")
+        pr = PAIRS.get("sgd set-lr")
+        if pr and pr[0]:
+            ratios, lw, lm, cw = pr
+            med = statistics.median(ratios)
+            rss = statistics.median(lm) * 1024
+            rows.append((f"`ckpttool set-lr SGD 1e-4 -o OUT` {sgd_label}, in pairs with cp + sync "
+                         f"({len(ratios)} pairs)", f"{statistics.median(lw):.3f}",
+                         f"{rss / MIB:.0f}",
+                         f"{med:.2f}x cp+sync (median of pair ratios; cp+sync "
+                         f"{statistics.median(cw):.3f} s)", "<= 1.25x cp+sync, < 100 MB",
+                         "pass" if med <= 1.25 and rss < 100 * MB else "FAIL"))
         body += [f"## convert (SGD momentum -> Adam, {sgd_label})", ""] + table(rows) + [""]
 
     if "check" in parts:
