@@ -87,11 +87,16 @@ class Checkpoint:
         # files and folders (relative paths) of a folder that ckpttool did not parse; they are
         # kept as they are by every write
         self.other_files: list[str] = other_files or []
+        # how this checkpoint was reached from the path the user gave, if not directly (a
+        # DeepSpeed run folder's ``latest``)
+        self.followed: str | None = None
 
     def derive(self, root: Any) -> Checkpoint:
         """A checkpoint over the same files whose tree is ``root`` (an edit's result)."""
         roots = dict(root) if self.is_folder else {self.files[0].name: root}
-        return Checkpoint(self.path, self.kind, self.files, roots, self.other_files)
+        out = Checkpoint(self.path, self.kind, self.files, roots, self.other_files)
+        out.followed = self.followed
+        return out
 
     # -- the tree --------------------------------------------------------------------------
     @property
@@ -649,6 +654,23 @@ def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
     return ckpt
 
 
+def _latest_tag(path: str, names: list[str]) -> str | None:
+    """The subfolder a DeepSpeed ``latest`` file names (``global_step3``), if this is a run
+    folder: ``latest`` is a short text file and the folder it names exists here."""
+    if "latest" not in names or not os.path.isfile(os.path.join(path, "latest")):
+        return None
+    try:
+        with open(os.path.join(path, "latest"), "rb") as f:
+            raw = f.read(257)
+        tag = raw.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not tag or len(raw) > 256 or "/" in tag or "\\" in tag or tag in (".", "..") \
+            or tag not in names or not os.path.isdir(os.path.join(path, tag)):
+        return None
+    return tag
+
+
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint file or folder for reading (metadata only; nothing of it runs)."""
     p = os.fspath(path)
@@ -661,6 +683,11 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not stat.S_ISDIR(st.st_mode):
         return Checkpoint(p, "file", [read_file(p)])
     names = sorted(os.listdir(p))
+    tag = _latest_tag(p, names)
+    if tag is not None:  # a DeepSpeed run folder: `latest` names the checkpoint to resume
+        ckpt = open_checkpoint(os.path.join(p, tag))
+        ckpt.followed = f"{os.path.join(p, 'latest')} names {tag}"
+        return ckpt
     kind = _folder_kind(set(names))
     if kind == "dcp":
         raise UnreadableError(f"a torch.distributed.checkpoint folder; reading DCP "

@@ -152,6 +152,7 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
     return {
         "schema": SCHEMA_VERSION,
         "path": ckpt.path,
+        "followed": ckpt.followed,
         "format": ckpt.format,
         "size": ckpt.size,
         "files": [{"name": f.name, "format": f.format, "size": f.size} for f in ckpt.files]
@@ -233,7 +234,8 @@ def safety_lines(ckpt: Checkpoint) -> list[str]:
 def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = False,
               stats: bool = False) -> str:
     """The ``show`` text report."""
-    lines = [f"file:    {ckpt.path}", f"format:  {ckpt.format}",
+    lines = [f"file:    {ckpt.path}"] + ([f"via:     {ckpt.followed}"] if ckpt.followed else [])
+    lines += [f"format:  {ckpt.format}",
              f"size:    {_human(ckpt.size)} ({ckpt.size} bytes)"]
     lines += safety_lines(ckpt)
     tl = top_level(ckpt)

@@ -279,3 +279,24 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return type(a) is type(b) and len(a) == len(b) and all(map(same, a, b))
     return bool(a == b)
+
+
+def test_deepspeed_run_folder_follows_latest(tmp_path: Path) -> None:
+    """A DeepSpeed run folder is opened through its ``latest`` file; edits go to the
+    checkpoint it names, and every output says which one."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(FIXTURES / "deepspeed", run_dir)
+    r = run("show", run_dir)
+    assert r.stdout.splitlines()[:2] == [f"file:    {run_dir / 'global_step3'}",
+                                         f"via:     {run_dir / 'latest'} names global_step3"]
+    r = run("set-lr", run_dir, "1e-4", "--no-scheduler")
+    assert r.stdout == (
+        "set-lr: lr 0.0001 in optimizer /zero_pp_rank_0_mp_rank_00_optim_states.pt/"
+        "optimizer_state_dict/base_optimizer_state (groups 0, 1 x0.01); schedulers left "
+        f"unchanged (--no-scheduler); 2 values changed; wrote {run_dir / 'global_step3'}\n")
+    osd = load_fixture(run_dir / "global_step3" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+                       )["optimizer_state_dict"]["base_optimizer_state"]
+    assert [g["lr"] for g in osd["param_groups"]] == [1e-4, 1e-4]
+    (run_dir / "latest").write_text("global_step9")  # names nothing here: not followed
+    with pytest.raises(ckpttool.UnreadableError, match="a folder with no checkpoint files"):
+        ckpttool.open(run_dir)
