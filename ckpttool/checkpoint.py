@@ -101,7 +101,8 @@ class Checkpoint:
     # -- the tree --------------------------------------------------------------------------
     @property
     def is_folder(self) -> bool:
-        return self.kind != "file"
+        """A folder of files, each its own tree (a DCP folder is one tree: not here)."""
+        return self.kind not in ("file", "dcp")
 
     @cached_property
     def root(self) -> Any:
@@ -117,7 +118,7 @@ class Checkpoint:
 
     @property
     def format(self) -> str:
-        return self.kind if self.is_folder else self.files[0].format
+        return self.kind if self.is_folder or self.kind == "dcp" else self.files[0].format
 
     @property
     def size(self) -> int:
@@ -170,6 +171,12 @@ class Checkpoint:
                               "front" if f.extra["trailing_kind"] == "a zip archive" else ""))
             for trick in f.extra.get("tricks", ()):
                 out.append(f"{who}{trick}")
+            if "dcp_files" in f.extra:
+                df = f.extra["dcp_files"]
+                out.append("a torch.distributed.checkpoint folder: .metadata and "
+                           f"{len(df)} data file{'s' if len(df) != 1 else ''} ("
+                           + ", ".join(f"{n} {s} bytes" for n, s in df.items()) + ")")
+                out += f.extra.get("dcp_notes", [])
         return out
 
     @cached_property
@@ -638,6 +645,10 @@ def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
         raise UnsafeCheckpointError(
             "refusing to edit: " + ckpt.safety.headline() + ". Nothing was written.",
             path=ckpt.path)
+    if ckpt.kind == "dcp":
+        raise CkptError("editing a torch.distributed.checkpoint folder is not supported yet",
+                        path=ckpt.path, hint="ckpttool show and check read it; to edit, load it "
+                        "with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     for f in ckpt.files:
         if f.extra.get("tricks"):
             raise CkptError(f"{f.path}: " + "; ".join(f.extra["tricks"]) + ": ckpttool reads "
@@ -652,6 +663,38 @@ def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
                             hint="load it with torch (if you trust it) and torch.save it, then "
                                  "edit the new file")
     return ckpt
+
+
+def _open_dcp(path: str, names: list[str]) -> Checkpoint:
+    """A torch.distributed.checkpoint folder as one tree (see :mod:`.formats.dcp`)."""
+    from .formats.dcp import build_tree, data_files
+    meta = read_file(os.path.join(path, ".metadata"), ".metadata")
+    files = data_files(path, names)
+    safety = Safety()
+    safety.merge(meta.safety, ".metadata")
+    if meta.root is None or meta.safety.unsafe:  # never read further into a hostile folder
+        meta.extra["dcp_files"] = files
+        return Checkpoint(path, "dcp", [meta], other_files=sorted(files))
+
+    def read_value(file: str, offset: int, length: int) -> tuple[Any, Safety]:
+        fp = os.path.join(path, file)
+        if file not in files or offset < 0 or offset + length > files[file]:
+            raise UnreadableError(f"a value lies at bytes {offset}..{offset + length} of "
+                                  f"{file}, outside the folder's data files", path=path)
+        fd = os.open(fp, os.O_RDONLY)
+        try:
+            part = _read_zip(fp, file, fd, offset + length)
+        finally:
+            os.close(fd)
+        return part.root, part.safety
+
+    root, values_safety, notes = build_tree(path, meta.root, read_value)
+    safety.merge(values_safety)
+    size = meta.size + sum(files.values())
+    f = CheckpointFile(".metadata", os.path.join(path, ".metadata"), "dcp", size, root,
+                       globals=meta.globals, safety=safety,
+                       extra={"dcp_files": files, "dcp_notes": notes})
+    return Checkpoint(path, "dcp", [f], other_files=sorted(files))
 
 
 def _latest_tag(path: str, names: list[str]) -> str | None:
@@ -690,8 +733,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return ckpt
     kind = _folder_kind(set(names))
     if kind == "dcp":
-        raise UnreadableError(f"a torch.distributed.checkpoint folder; reading DCP "
-                              "folders is not supported yet", path=p)
+        return _open_dcp(p, names)
     files = []
     other: list[str] = []
     for n in names:

@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .edits import as_number
 from .errors import CkptError
 from .formats.nodes import TensorRef
+from .formats.safetensors import SafeTensor
 from .formats.safety import ALLOWED
 from .locate import OptimizerState
 from .names import model_parameters, param_shape, state_shapes
@@ -502,7 +503,7 @@ def _meta_state_dict(opt: OptimizerState) -> dict[str, Any]:
     import torch
 
     def conv(v: Any) -> Any:
-        if isinstance(v, TensorRef):
+        if isinstance(v, (TensorRef, SafeTensor)):  # SafeTensor: a DCP folder's tensors
             if not v.shape and isinstance(v.value, (int, float)):
                 return torch.tensor(v.value, dtype=getattr(torch, v.dtype, torch.float32))
             return torch.empty(v.shape, device="meta",

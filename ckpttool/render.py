@@ -32,6 +32,10 @@ def tensor_json(t: Any) -> dict[str, Any]:
     d: dict[str, Any] = {"shape": list(t.shape), "dtype": t.dtype, "device": t.device}
     if t.value is not None:
         d["value"] = to_json(t.value)
+    chunks = getattr(t, "chunks", None)
+    if chunks is not None:  # a DCP tensor: how it is sharded, and where
+        d["chunks"] = [{"offsets": list(o or ()), "sizes": list(z or ()), "file": f,
+                        "offset": off, "length": n} for o, z, f, off, n in chunks]
     return d
 
 
@@ -312,7 +316,7 @@ def _optimizer_text(o: OptimizerState, show_all: bool, tstats: dict[int, dict[st
         step = s.entries.get("step")
         row = [s.param, s.name or "", list(big.shape) if big else "", big.dtype if big else "",
                big.device if big else "", ", ".join(str(k) for k in s.entries),
-               fmt(step.value if isinstance(step, TensorRef) else step) if step is not None
+               fmt(step.value if isinstance(step, (TensorRef, SafeTensor)) else step) if step is not None
                else ""]
         if tstats:
             st = tstats.get(id(big)) if big is not None else None

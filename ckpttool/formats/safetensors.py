@@ -22,7 +22,8 @@ MAX_HEADER = 100 << 20
 
 @dataclass
 class SafeTensor:
-    """A tensor in a safetensors file: metadata and where its bytes lie."""
+    """A tensor whose metadata comes from a header (a safetensors file, a DCP folder's
+    ``.metadata``): shape, dtype and where its bytes lie."""
 
     shape: tuple[int, ...]
     dtype: str
@@ -31,6 +32,8 @@ class SafeTensor:
     device: str = "cpu"
     value: Any = None
     path: str = ""
+    # a DCP tensor's chunks: (offsets, sizes, data file, offset, length) each
+    chunks: list[tuple[Any, ...]] | None = None
 
     @property
     def numel(self) -> int:

@@ -81,7 +81,13 @@ KNOWN_DATA: frozenset[str] = frozenset(
         "numpy.ma.core._mareconstruct",
         "numpy.random._pickle.__generator_ctor", "numpy.random._pickle.__randomstate_ctor",
         "numpy.random._pickle.__bit_generator_ctor",
-    ])
+    ]
+    # the dataclasses of a DCP folder's .metadata, precisely (the rest of
+    # torch.distributed.checkpoint loads files and stays dangerous)
+    + [f"torch.distributed.checkpoint.metadata.{n}" for n in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + ["torch.distributed.checkpoint.filesystem._StorageInfo"])
 # copyreg's protocol-2 helpers construct their first argument: that class is what is judged
 RECONSTRUCTORS = frozenset({"copyreg._reconstructor", "copyreg.__newobj__",
                             "copyreg.__newobj_ex__"})

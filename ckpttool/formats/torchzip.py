@@ -71,6 +71,11 @@ def read_archive(path: str, fd: int, file_size: int) -> Archive:
     if pos >= _EOCD64_LOC.size and tail[pos - _EOCD64_LOC.size:pos - _EOCD64_LOC.size + 4] \
             == b"PK\x06\x07":
         _, _, eocd64_off, _ = _EOCD64_LOC.unpack_from(tail, pos - _EOCD64_LOC.size)
+        # the locator's offset counts from the archive's start; with bytes before the
+        # archive (a zip inside a DCP data file) the record sits right before the locator
+        before = eocd_pos - _EOCD64_LOC.size - _EOCD64.size
+        if before >= 0 and before != eocd64_off and _pread(fd, 4, before) == b"PK\x06\x06":
+            eocd64_off = before
         rec = _pread(fd, _EOCD64.size, eocd64_off) if eocd64_off + _EOCD64.size <= file_size \
             else b""
         if rec[:4] == b"PK\x06\x06":

@@ -1,0 +1,197 @@
+"""torch.distributed.checkpoint (DCP) folders: ``.metadata`` plus ``__R_N.distcp`` data files.
+
+``.metadata`` is a plain pickle of ``torch.distributed.checkpoint.metadata.Metadata``; it is read
+by the same restricted interpreter as everything else (its dataclasses are known data, see
+:mod:`.safety`; nothing in it is imported or run). From it:
+
+* ``state_dict_metadata``: for each flattened key (FQN) a ``TensorStorageMetadata`` (dtype,
+  global size, the chunks: offsets and sizes) or a ``BytesStorageMetadata`` (a non-tensor
+  value, torch.save'd into a data file);
+* ``planner_data``: each FQN's path in the nested state dict (``("optim", "param_groups", 0,
+  "lr")``): the tree is rebuilt from these, so optimizers, models and schedulers are found
+  as in any file (optimizer state keyed by parameter name);
+* ``storage_data``: where each chunk and each value lies (data file, offset, length).
+
+Tensors become :class:`~.safetensors.SafeTensor` entries with their global shape, dtype and
+chunks (no tensor byte is read). The non-tensor values (hyperparameters, step counters) are
+small torch.save archives inside the data files: each is read like any torch.save file, and
+its verdict joins the folder's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable
+
+from ..errors import UnreadableError
+from .nodes import DTYPE_ITEMSIZE, Global, Reduce
+from .safetensors import SafeTensor
+from .safety import Safety
+
+TINY_NUMEL = 8  # as for torch.save files: tensors this small have their values read
+
+
+def fields(node: Any) -> dict[str, Any]:
+    """The attributes a pickled dataclass is rebuilt with (its BUILD state)."""
+    if not isinstance(node, Reduce) or not node.has_state:
+        return {}
+    st = node.state
+    if isinstance(st, dict):
+        return st
+    if isinstance(st, tuple) and len(st) == 2:  # (dict or None, slots dict)
+        out: dict[str, Any] = {}
+        for part in st:
+            if isinstance(part, dict):
+                out.update(part)
+        return out
+    return {}
+
+
+def _size(node: Any) -> tuple[int, ...] | None:
+    """A ``torch.Size((...))`` as a tuple of ints."""
+    if isinstance(node, Reduce) and node.args and isinstance(node.args[0], (tuple, list)):
+        node = node.args[0]
+    if isinstance(node, (tuple, list)) and all(type(x) is int for x in node):
+        return tuple(node)
+    return None
+
+
+def _qual(node: Any) -> str:
+    return node.qualname if isinstance(node, Reduce) else ""
+
+
+ReadValue = Callable[[str, int, int], tuple[Any, Safety]]
+
+
+def build_tree(path: str, meta: Any, read_value: ReadValue) -> tuple[dict[str, Any], Safety,
+                                                                       list[str]]:
+    """The nested state dict a DCP folder holds, the verdict of its values, and notes.
+
+    ``read_value(data_file, offset, length)`` reads one torch.save'd value and its verdict.
+    """
+    m = fields(meta)
+    if not m or "state_dict_metadata" not in m:
+        raise UnreadableError(".metadata does not hold a DCP Metadata object", path=path)
+    sdm = m.get("state_dict_metadata")
+    planner: dict[Any, Any] = m["planner_data"] if isinstance(m.get("planner_data"), dict) \
+        else {}
+    storage: dict[Any, Any] = m["storage_data"] if isinstance(m.get("storage_data"), dict) \
+        else {}
+    if not isinstance(sdm, dict):
+        raise UnreadableError(".metadata has no state_dict_metadata", path=path)
+    where: dict[tuple[str, Any], tuple[str, int, int]] = {}
+    for idx, info in storage.items():
+        f, i = fields(idx), fields(info)
+        if isinstance(f.get("fqn"), str) and isinstance(i.get("relative_path"), str):
+            where[(f["fqn"], _size(f.get("offset")))] = (
+                i["relative_path"], int(i.get("offset") or 0), int(i.get("length") or 0))
+    safety = Safety()
+    notes: list[str] = []
+    root: dict[str, Any] = {}
+    for fqn, md in sdm.items():
+        if not isinstance(fqn, str):
+            continue
+        keys = planner.get(fqn)
+        keys = tuple(keys) if isinstance(keys, (tuple, list)) and keys else (fqn,)
+        q = _qual(md)
+        if q.endswith(".TensorStorageMetadata"):
+            value: Any = _tensor(fqn, fields(md), where, read_value, safety)
+        elif q.endswith(".BytesStorageMetadata"):
+            loc = where.get((fqn, None))
+            if loc is None:
+                notes.append(f"{fqn}: no data file holds this value")
+                value = None
+            else:
+                file, offset, length = loc
+                if "/" in file or file in ("", ".", ".."):
+                    raise UnreadableError(f"{fqn} lies in {file!r}, outside the folder",
+                                          path=path)
+                value, sf = read_value(file, offset, length)
+                safety.merge(sf, file)
+        else:
+            notes.append(f"{fqn}: an entry of kind {q or type(md).__name__} (not read)")
+            value = None
+        _place(root, keys, value)
+    tensors = [t for t in _leaves(root) if isinstance(t, SafeTensor) and t.chunks is not None]
+    n_chunks = sum(len(t.chunks or ()) for t in tensors)
+    used = sorted({c[2] for t in tensors for c in t.chunks or ()})
+    notes.append(f"{len(tensors)} tensors in {n_chunks} chunks ("
+                 + ", ".join(f"{sum(1 for t in tensors for c in t.chunks or () if c[2] == f)} "
+                             f"in {f}" for f in used) + ")")
+    return root, safety, notes
+
+
+def _leaves(node: Any) -> list[Any]:
+    out, todo = [], [node]
+    while todo:
+        n = todo.pop()
+        if isinstance(n, dict):
+            todo.extend(n.values())
+        elif isinstance(n, list):
+            todo.extend(n)
+        else:
+            out.append(n)
+    return out
+
+
+def _tensor(fqn: str, md: dict[str, Any], where: dict[tuple[str, Any], tuple[str, int, int]],
+            read_value: ReadValue, safety: Safety) -> SafeTensor:
+    prop = md.get("properties")
+    props = fields(prop)
+    st = prop.state if isinstance(prop, Reduce) and prop.has_state else None
+    if not props and isinstance(st, tuple) and st:
+        # TensorProperties pickles its state as (dtype, layout, requires_grad, memory_format,
+        # pin_memory)
+        props = {"dtype": st[0]}
+    dt = props.get("dtype")
+    dtype = dt.name if isinstance(dt, Global) else str(dt)
+    shape = _size(md.get("size")) or ()
+    chunks = []
+    for ch in md.get("chunks") or ():
+        c = fields(ch)
+        offsets, sizes = _size(c.get("offsets")), _size(c.get("sizes"))
+        file, off, length = where.get((fqn, offsets), ("?", -1, 0))
+        chunks.append((offsets, sizes, file, off, length))
+    first = chunks[0] if chunks else (None, None, "", -1, 0)
+    t = SafeTensor(shape, dtype, first[3], math.prod(shape) * DTYPE_ITEMSIZE.get(dtype, 1),
+                   device="-", path=first[2], chunks=chunks)
+    if len(chunks) == 1 and t.numel <= TINY_NUMEL and first[3] >= 0:
+        # a step counter and friends: its chunk is a small torch.save file; read its value
+        node, sf = read_value(first[2], first[3], first[4])
+        safety.merge(sf, first[2])
+        t.value = getattr(node, "value", None)
+    return t
+
+
+def _place(root: dict[str, Any], keys: tuple[Any, ...], value: Any) -> None:
+    """Put ``value`` at ``keys`` of the nested state dict (ints index lists, as DCP's own
+    unflattening does)."""
+    node: Any = root
+    for k, nxt in zip(keys, keys[1:]):
+        child = node.get(k) if isinstance(node, dict) else (
+            node[k] if isinstance(node, list) and k < len(node) else None)
+        if child is None:
+            child = [] if isinstance(nxt, int) else {}
+            _set(node, k, child)
+        node = child
+    _set(node, keys[-1], value)
+
+
+def _set(node: Any, k: Any, value: Any) -> None:
+    if isinstance(node, list) and isinstance(k, int) and 0 <= k < 1_000_000:
+        while len(node) <= k:
+            node.append(None)
+        node[k] = value
+    elif isinstance(node, dict):
+        node[k] = value
+
+
+def data_files(path: str, names: list[str]) -> dict[str, int]:
+    """The data files of a DCP folder and their sizes."""
+    out = {}
+    for n in names:
+        fp = os.path.join(path, n)
+        if n.endswith(".distcp") and os.path.isfile(fp):
+            out[n] = os.path.getsize(fp)
+    return out

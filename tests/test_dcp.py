@@ -1,0 +1,89 @@
+"""torch.distributed.checkpoint folders, made by the real DCP engine (dcp.save): read from
+``.metadata`` with the restricted unpickler, optimizers found by parameter name, values of
+the small entries read from the data files; never edited (yet); a hostile .metadata is judged
+and nothing else of the folder is read."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ckpttool
+from conftest import run
+
+
+@pytest.fixture(scope="module")
+def dcp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+    msd, osd = get_state_dict(model, opt)
+    out = tmp_path_factory.mktemp("dcp") / "ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is not initialized": one process
+        dcp.save({"model": msd, "optim": osd, "step": 7}, checkpoint_id=str(out))
+    return out
+
+
+def test_show_a_dcp_folder(dcp_dir: Path) -> None:
+    r = run("show", dcp_dir)
+    lines = r.stdout.splitlines()
+    assert lines[1:2] == ["format:  dcp"]
+    assert lines[4:9] == ["keys:", "  model  model state (4 tensors)",
+                           "  optim  optimizer state (1 groups, 4 params with state)",
+                           "  step   7",
+                           "note:    a torch.distributed.checkpoint folder: .metadata and 1 data "
+                           f"file (__0_0.distcp {(dcp_dir / '__0_0.distcp').stat().st_size} "
+                           "bytes)"]
+    assert lines[9] == "note:    16 tensors in 16 chunks (16 in __0_0.distcp)"
+    doc = json.loads(run("show", "--json", dcp_dir).stdout)
+    [opt] = doc["optimizers"]
+    assert (opt["pointer"], opt["type"], opt["names_source"]) == (
+        "/optim", "AdamW", "param ids (name-keyed)")
+    assert opt["param_groups"][0]["hyperparameters"]["lr"] == 1e-3
+    assert opt["param_groups"][0]["params"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    st = opt["state"][0]
+    assert st["name"] == "0.weight"
+    assert st["entries"]["step"]["value"] == 3.0
+    assert st["entries"]["exp_avg"]["shape"] == [3, 4]
+    [chunk] = st["entries"]["exp_avg"]["chunks"]
+    assert (chunk["offsets"], chunk["sizes"], chunk["file"]) == ([0, 0], [3, 4], "__0_0.distcp")
+    assert doc["safety"]["level"] == "needs-trust"
+    assert not any(c["level"] == "unsafe" for c in doc["safety"]["calls"])
+
+
+def test_check_and_edit_a_dcp_folder(dcp_dir: Path) -> None:
+    assert run("check", dcp_dir).stdout == "no findings\ncheck ok: 0 fail, 0 warn, 0 info\n"
+    r = run("set-lr", dcp_dir, "0.1", code=1)
+    assert r.stderr == (f"Error: {dcp_dir}: editing a torch.distributed.checkpoint folder is not "
+                        "supported yet; ckpttool show and check read it; to edit, load it with "
+                        "torch.distributed.checkpoint.format_utils.dcp_to_torch_save\n")
+
+
+def test_hostile_metadata(dcp_dir: Path, tmp_path: Path) -> None:
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(dcp_dir, bad)
+    marker = tmp_path / "pwned"
+    (bad / ".metadata").write_bytes(
+        b"\x80\x02cposix\nsystem\nq\x00X" + len(f"touch {marker}").to_bytes(4, "little")
+        + f"touch {marker}".encode() + b"\x85q\x01Rq\x02.")
+    before = (bad / ".metadata").read_bytes()
+    r = run("show", bad)
+    assert r.stdout.splitlines()[3].startswith(
+        "safety:  UNSAFE: loading it would run posix.system at / of .metadata")
+    run("set-lr", bad, "0.1", code=4)
+    run("check", bad, code=4)
+    assert not marker.exists() and (bad / ".metadata").read_bytes() == before
+    assert ckpttool.open(bad).optimizers == []
