@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -87,3 +88,61 @@ def test_hostile_metadata(dcp_dir: Path, tmp_path: Path) -> None:
     run("check", bad, code=4)
     assert not marker.exists() and (bad / ".metadata").read_bytes() == before
     assert ckpttool.open(bad).optimizers == []
+
+
+@pytest.fixture(scope="module")
+def dcp2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("dcp2") / "ckpt"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_dcp2.py")), str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def test_two_rank_fsdp2_folder(dcp2_dir: Path) -> None:
+    """Every tensor's global shape, dtype and chunks (offsets, sizes, file) are what torch's
+    own metadata reader says; the state is found by name; check passes."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    meta = FileSystemReader(str(dcp2_dir)).read_metadata()  # torch's own reader: our file
+    want = {}
+    for fqn, md in meta.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            want[fqn] = (list(md.size), str(md.properties.dtype).removeprefix("torch."),
+                         sorted((list(c.offsets), list(c.sizes),
+                                 meta.storage_data[_index(meta, fqn, c.offsets)].relative_path)
+                                for c in md.chunks))
+    doc = json.loads(run("show", "--json", dcp2_dir).stdout)
+    assert [m["pointer"] for m in doc["models"]] == ["/model"]
+    got = {}
+    ckpt = ckpttool.open(dcp2_dir)
+    for ptr, t in _tensors(ckpt.root):
+        got[ptr] = (list(t.shape), t.dtype,
+                    sorted((list(o), list(z), f) for o, z, f, _, _ in t.chunks))
+    assert got == want
+    assert any(len(v[2]) == 2 for v in got.values())  # really sharded across the two ranks
+    [opt] = doc["optimizers"]
+    assert [s["name"] for s in opt["state"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert {s["entries"]["step"]["value"] for s in opt["state"]} == {2.0}
+    assert run("check", dcp2_dir).stdout == "no findings\ncheck ok: 0 fail, 0 warn, 0 info\n"
+
+
+def _index(meta: Any, fqn: str, offsets: Any) -> Any:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    return next(k for k in meta.storage_data
+                if k == MetadataIndex(fqn, offsets) or (k.fqn == fqn and k.offset == offsets))
+
+
+def _tensors(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    from ckpttool.formats.safetensors import SafeTensor
+    out = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _tensors(v, f"{prefix}.{i}")
+    elif isinstance(node, SafeTensor):
+        out.append((prefix, node))
+    return out
