@@ -430,8 +430,11 @@ def _read_pickle(path: str, name: str, fd: int, size: int, head: bytes) -> Check
         u = _read_growing(fd, size, unpickle)
     except PickleError as e:
         safety = getattr(e, "safety", None)
-        if safety is None or not safety.calls:  # not a pickle at all: say what it is
-            raise _sniff_error(path, head, size) from None
+        if safety is None or not safety.calls:
+            if head[:1] == b"\x80":  # a pickle's protocol opcode: a broken plain pickle
+                raise UnreadableError(f"a plain pickle that does not parse ({e.message})",
+                                      path=path) from None
+            raise _sniff_error(path, head, size) from None  # not a pickle: say what it is
         return _broken(path, name, "pickle", size, e, "a plain pickle that breaks")
     extra: dict[str, Any] = {"end": u.end}
     if u.end < size:
@@ -699,8 +702,13 @@ def _open_dcp(path: str, names: list[str]) -> Checkpoint:
 
 def _latest_tag(path: str, names: list[str]) -> str | None:
     """The subfolder a DeepSpeed ``latest`` file names (``global_step3``), if this is a run
-    folder: ``latest`` is a short text file and the folder it names exists here."""
+    folder: ``latest`` is a short text file, the folder it names exists here, and this folder
+    holds no checkpoint file of its own (a Trainer folder with a DeepSpeed ``latest`` inside is
+    read as the Trainer folder)."""
     if "latest" not in names or not os.path.isfile(os.path.join(path, "latest")):
+        return None
+    if any(n.endswith((".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
+           and os.path.isfile(os.path.join(path, n)) for n in names):
         return None
     try:
         with open(os.path.join(path, "latest"), "rb") as f:

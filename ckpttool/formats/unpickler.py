@@ -28,8 +28,8 @@ from typing import Any, Callable
 from ..errors import PickleError
 from .nodes import (FROM_TYPE_REBUILDERS, PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce,
                     Storage, TensorRef)
-from .safety import (ALLOWED, GETATTR, NEEDS_TRUST, RECONSTRUCTORS, UNSAFE, WEIGHTS_ONLY, Call, Safety,
-                     judge_global, normalize, summarize)
+from .safety import (ALLOWED, GETATTR, NEEDS_TRUST, RECONSTRUCTORS, UNSAFE, WEIGHTS_ONLY, Call,
+                     Safety, judge_global, normalize, summarize)
 
 _NODE_SAFETY = {WEIGHTS_ONLY: "allowed", NEEDS_TRUST: "opaque", UNSAFE: "dangerous"}
 
@@ -133,9 +133,8 @@ class _Reader:
         self.tensors: list[TensorRef] = []
         self.hash_work = MAX_HASH_WORK
         # the verdict so far: calls and lookups that are not weights-only, deduplicated by
-        # (global, level, why); ids of the global nodes judged as callables
+        # (global, level, why); and each global's level as a mere lookup
         self.calls: dict[tuple[str, str, str], Call] = {}
-        self.judged: set[int] = set()
         self.value_levels: dict[tuple[str, str], tuple[str, str]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -246,7 +245,6 @@ class _Reader:
             self.record(f"<result of {inner}>", args, UNSAFE,
                         f"calls a callable computed at load time (the result of {inner})", node)
             return
-        self.judged.add(id(func))
         mod, name = normalize(func.module, func.name)
         q = f"{mod}.{name}"
         if q in GETATTR:
@@ -309,21 +307,15 @@ class _Reader:
         return node
 
     def safety(self) -> Safety:
-        """The verdict on everything read so far."""
+        """The verdict on everything read so far: the calls, then the globals that were only
+        looked up (never called)."""
         out = Safety()
-        for c in self.calls.values():
-            out.calls.append(c)
-        for key, (level, why) in self.value_levels.items():
-            if level == WEIGHTS_ONLY:
-                continue
-            nodes_called = False
-            g = self.global_nodes.get(key)
-            if g is not None and self.globals.get(g.qualname) is not None:
-                nodes_called = any(c.global_ == g.qualname for c in self.calls.values())
-            if not nodes_called:
-                out.calls.append(Call(f"{key[0]}.{key[1]}", "", level, why))
-        order = {UNSAFE: 0, NEEDS_TRUST: 1}
-        out.calls.sort(key=lambda c: order[c.level])
+        out.calls.extend(self.calls.values())
+        called = {c.global_ for c in self.calls.values()}
+        for (module, name), (level, why) in self.value_levels.items():
+            if level != WEIGHTS_ONLY and f"{module}.{name}" not in called:
+                out.calls.append(Call(f"{module}.{name}", "", level, why))
+        out.calls.sort(key=lambda c: c.level != UNSAFE)
         for c in out.calls:
             out.add_reason(c.level, f"{c.global_}: {c.why}")
         return out
