@@ -648,6 +648,13 @@ def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
         raise UnsafeCheckpointError(
             "refusing to edit: " + ckpt.safety.headline() + ". Nothing was written.",
             path=ckpt.path)
+    flat = [o.pointer or "/" for o in ckpt.optimizers if o.flattened]
+    if flat:
+        raise CkptError(f"the optimizer state at {', '.join(flat)} is in the flattened form "
+                        "(flatten_optimizer_state_dict=True): ckpttool reads it but does not "
+                        "edit it yet", path=ckpt.path,
+                        hint="save it again with get_state_dict(...) without "
+                             "flatten_optimizer_state_dict, then edit that file")
     if ckpt.kind == "dcp":
         raise CkptError("editing a torch.distributed.checkpoint folder is not supported yet",
                         path=ckpt.path, hint="ckpttool show and check read it; to edit, load it "

@@ -793,5 +793,16 @@ def check(source: str | os.PathLike[str] | Checkpoint | dict[str, Any], model: A
     finally:
         if ctx.deep_scan is not None:
             ctx.deep_scan.close()
+    flat = [o for o in opts if o.flattened]
+    if flat:  # pointers into the nested form ckpttool built: the keys of the file instead
+        findings = [_retarget(f, flat) for f in findings]
     findings.sort(key=lambda f: _ORDER[f.level])
     return Report(ckpt.path, findings)
+
+
+def _retarget(f: Finding, flat: list[OptimizerState]) -> Finding:
+    for o in flat:
+        ptr = o.tree_pointer(f.pointer)
+        if ptr != f.pointer:
+            return Finding(f.id, f.level, ptr, f.message, f.hint)
+    return f

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from . import knowledge
 from .formats.nodes import Reduce, TensorRef
 from .formats.safetensors import SafeTensor
-from .tree import children, join, walk
+from .tree import children, join, split, walk
 
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
@@ -61,6 +61,26 @@ class OptimizerState:
     names_note: str | None = None  # why there are no names (or only some)
     model_order: dict[ParamId, int] | None = None  # param id -> position in model.parameters()
     names_model: str | None = None  # pointer of the model the names belong to, when known
+    # the flattened form (``flatten_optimizer_state_dict=True``): ``raw`` is the nested form
+    # ckpttool built from keys ``state.<fqn>.<key>`` / ``param_groups.<fqn>.<key>``;
+    # :meth:`tree_pointer` maps a pointer of that nested form to the key in the file
+    flattened: bool = False
+
+    def tree_pointer(self, pointer: str) -> str:
+        """The pointer in the checkpoint's tree for a pointer into ``raw`` (the same, except for
+        the flattened form, where ``/state/<fqn>/<key>`` is ``/state.<fqn>.<key>`` and
+        ``/param_groups/<i>/<key>`` is the key of the group's first param)."""
+        if not self.flattened or not pointer.startswith(self.pointer + "/"):
+            return pointer
+        parts = split(pointer[len(self.pointer):])
+        if parts[:1] == ["state"] and len(parts) >= 3:
+            return join(self.pointer, ".".join(["state", parts[1], parts[2]]))
+        if parts[:1] == ["param_groups"] and len(parts) >= 3 and parts[1].isdigit():
+            g = int(parts[1])
+            if g < len(self.groups) and self.groups[g].params and parts[2] != "params":
+                fqn = self.groups[g].params[0]
+                return join(self.pointer, f"param_groups.{fqn}.{parts[2]}")
+        return self.pointer
 
     @property
     def type(self) -> str:
@@ -253,6 +273,38 @@ def unknown_scheduler_reason(obj: Any) -> str | None:
     return None
 
 
+def is_flattened_optimizer(obj: Any) -> bool:
+    """``get_state_dict(..., flatten_optimizer_state_dict=True)``: keys ``state.<fqn>.<key>``
+    and ``param_groups.<fqn>.<key>`` (every param listed with its group's hyperparameters)."""
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        return False
+    if not all(k.startswith(("state.", "param_groups.")) and k.count(".") >= 2 for k in obj):
+        return False
+    return any(k.startswith("param_groups.") and k.endswith(".lr") for k in obj)
+
+
+def flattened_to_nested(obj: dict[str, Any]) -> dict[str, Any]:
+    """The nested ``{"state", "param_groups"}`` form of a flattened optimizer state. The
+    groups are the runs of consecutive params (in key order) with equal hyperparameters: the
+    flattened form does not say more (torch rebuilds them from the live optimizer)."""
+    state: dict[str, dict[str, Any]] = {}
+    hparams: dict[str, dict[str, Any]] = {}
+    for k, v in obj.items():
+        head, rest = k.split(".", 1)
+        fqn, key = rest.rsplit(".", 1)
+        (state if head == "state" else hparams).setdefault(fqn, {})[key] = v
+    groups: list[dict[str, Any]] = []
+    last: Any = None
+    for fqn, hp in hparams.items():
+        sig = [(k, repr(v)) for k, v in hp.items()]
+        if groups and sig == last:
+            groups[-1]["params"].append(fqn)
+        else:
+            groups.append({**hp, "params": [fqn]})
+            last = sig
+    return {"state": state, "param_groups": groups}
+
+
 def optimizer_from_raw(pointer: str, raw: dict[str, Any]) -> OptimizerState:
     groups = []
     group_keys: set[str] = set()
@@ -291,6 +343,12 @@ def locate(ckpt: Checkpoint) -> Found:
             continue
         if is_optimizer_state(obj):
             found.optimizers.append(optimizer_from_raw(ptr, obj))
+            _claim(obj, claimed)
+            continue
+        if is_flattened_optimizer(obj):
+            opt = optimizer_from_raw(ptr, flattened_to_nested(obj))
+            opt.flattened = True
+            found.optimizers.append(opt)
             _claim(obj, claimed)
             continue
         stype = _scheduler_type(obj)

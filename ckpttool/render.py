@@ -17,7 +17,8 @@ from tabulate import tabulate
 from .checkpoint import Checkpoint
 from .formats.nodes import Global, Reduce, Storage, TensorRef
 from .formats.safetensors import SafeTensor
-from .locate import (ModelState, OptimizerState, SchedulerState, is_model_state,
+from .locate import (ModelState, OptimizerState, SchedulerState, flattened_to_nested,
+                     is_flattened_optimizer, is_model_state,
                      is_optimizer_state)
 from .tree import join
 
@@ -93,6 +94,7 @@ def optimizer_json(opt: OptimizerState, stats: dict[int, dict[str, Any]] | None 
         "type": opt.type,
         "type_candidates": list(opt.guess.candidates),
         "type_reason": opt.guess.reason,
+        "flattened": opt.flattened,
         "extra_keys": opt.extra_keys,
         "names_source": opt.names_source,
         "names_note": opt.names_note,
@@ -122,6 +124,10 @@ def summary(v: Any, tensors_held: int = 0) -> str:
         return f"tensor {v.dtype}{list(v.shape)}{val}"
     if is_optimizer_state(v):
         return f"optimizer state ({len(v['param_groups'])} groups, {len(v['state'])} params with state)"
+    if is_flattened_optimizer(v):
+        nested = flattened_to_nested(v)
+        return (f"optimizer state, flattened ({len(nested['param_groups'])} groups, "
+                f"{len(nested['state'])} params with state)")
     if is_model_state(v):
         return f"model state ({len(v)} tensors)"
     if isinstance(v, dict):
@@ -298,6 +304,9 @@ def _optimizer_text(o: OptimizerState, show_all: bool, tstats: dict[int, dict[st
         head += f" - {o.guess.reason}"
     if o.extra_keys:
         head += f" (extra group keys, kept: {', '.join(o.extra_keys)})"
+    if o.flattened:
+        head += (" (flattened form, flatten_optimizer_state_dict=True: groups are the runs of "
+                 "params with equal hyperparameters; read-only)")
     lines = [head]
     keys: list[str] = []
     for g in o.groups:

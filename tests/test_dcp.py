@@ -146,3 +146,48 @@ def _tensors(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     elif isinstance(node, SafeTensor):
         out.append((prefix, node))
     return out
+
+
+def _state_dicts(flatten: bool) -> dict[str, Any]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                             {"params": model[2].parameters(), "lr": 1e-4}])
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt, options=StateDictOptions(
+        flatten_optimizer_state_dict=flatten))
+    return {"model": msd, "optim": osd}
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+def test_get_state_dict_files(tmp_path: Path, flatten: bool) -> None:
+    """Name-keyed optimizer state as get_state_dict writes it, nested and flattened."""
+    path = tmp_path / "sd.pt"
+    torch.save(_state_dicts(flatten), path)
+    doc = json.loads(run("show", "--json", path).stdout)
+    [opt] = doc["optimizers"]
+    assert (opt["type"], opt["flattened"]) == ("AdamW", flatten)
+    assert [(g["params"], g["hyperparameters"]["lr"]) for g in opt["param_groups"]] == [
+        (["0.weight", "0.bias"], 1e-3), (["2.weight", "2.bias"], 1e-4)]
+    assert [s["name"] for s in opt["state"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert {s["entries"]["step"]["value"] for s in opt["state"]} == {1.0}
+    assert run("check", path).stdout == "no findings\ncheck ok: 0 fail, 0 warn, 0 info\n"
+
+
+def test_flattened_check_pointers_and_no_edit(tmp_path: Path) -> None:
+    sd = _state_dicts(True)
+    for fqn in ("2.weight", "2.bias"):
+        sd["optim"][f"param_groups.{fqn}.eps"] = -1.0
+    path = tmp_path / "flat.pt"
+    torch.save(sd, path)
+    r = ckpttool.check(path)
+    assert [(f.id, f.pointer) for f in r.findings] == [
+        ("hyperparameter-range", "/optim/param_groups.2.weight.eps")]
+    e = run("set-lr", path, "0.1", code=1)
+    assert e.stderr == (
+        f"Error: {path}: the optimizer state at /optim is in the flattened form "
+        "(flatten_optimizer_state_dict=True): ckpttool reads it but does not edit it yet; save "
+        "it again with get_state_dict(...) without flatten_optimizer_state_dict, then edit that "
+        "file\n")

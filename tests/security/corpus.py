@@ -787,8 +787,9 @@ def _benign(b: _Builder) -> None:
                "SGD state_dict", requires="transformers", tags=("benign",))
     fixture("hf_training_args", "hf_trainer/training_args.bin",
             "hf_trainer/checkpoint-4/training_args.bin", "needs-trust",
-            "transformers TrainingArguments (a dataclass) pickled by the Trainer",
-            requires="transformers")
+            "transformers TrainingArguments (a dataclass) pickled by the Trainer; "
+            "unpickling it imports transformers.training_args, which imports accelerate",
+            requires="accelerate")
     fixture("hf_rng_state", "hf_trainer/rng_state.pth", "hf_trainer/checkpoint-4/rng_state.pth",
             "needs-trust", "transformers rng_state.pth (python/numpy/torch RNG states)")
     fixture("accelerate_random_states", "accelerate/random_states_0.pkl",
