@@ -60,6 +60,11 @@ TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 MB = 1_000_000
 MIB = 1024 * 1024
 
+# Children run with bytecode caching, as after any normal install: a session environment may
+# set PYTHONDONTWRITEBYTECODE=1 (this VM does), which makes every start compile every module
+# (~50 ms for ckpttool). The warm-up run writes the .pyc files.
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
 
 # ----------------------------------------------------------------------------- build
 
@@ -159,7 +164,8 @@ def run_once(argv, before=None):
     full = [TIME, "-f", "%M", "-o", str(rf), *argv] if TIME else list(argv)
     with open(so, "wb") as fo, open(se, "wb") as fe:
         t0 = time.perf_counter()
-        p = subprocess.Popen(full, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=REPO)
+        p = subprocess.Popen(full, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=REPO,
+                             env=CHILD_ENV)
         _, status, ru = os.wait4(p.pid, 0)
         wall = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
@@ -441,7 +447,9 @@ def machine_header(files: dict, quick: bool, parts=PARTS) -> list[str]:
                      f"{what}, {meta['records']} records")
     lines += [
         f"- each row: fresh subprocess, 1 warm-up run + median of {RUNS}, warm page cache; "
-        "wall includes interpreter start-up; peak RSS = the child's ru_maxrss from wait4 "
+        "wall includes interpreter start-up (bytecode cached, as after a normal install: "
+        "PYTHONDONTWRITEBYTECODE unset for the children); peak RSS = the child's ru_maxrss "
+        "from wait4 "
         + ("(collected by /usr/bin/time -f %M as a 2 MiB launcher)" if TIME else "(os.wait4; includes the harness's ~25 MiB inherited at fork)"),
         "",
     ]
