@@ -66,6 +66,8 @@ KNOWN_DATA: frozenset[str] = frozenset(
         "array.array", "array._array_reconstructor", "time.struct_time", "enum.Enum",
         "ipaddress.IPv4Address", "ipaddress.IPv6Address", "ipaddress.IPv4Network",
         "ipaddress.IPv6Network", "functools.partial",
+        "logging.getLogger",  # a pickled Logger (Logger.__reduce__): fetches or makes a logger
+        "zoneinfo.ZoneInfo._unpickle",  # a datetime's ZoneInfo: reads the tz database
         "numpy.dtype", "numpy.ndarray",
     ]
     + [f"numpy.{t}" for t in (

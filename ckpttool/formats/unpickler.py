@@ -28,8 +28,8 @@ from typing import Any, Callable
 from ..errors import PickleError
 from .nodes import (FROM_TYPE_REBUILDERS, PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce,
                     Storage, TensorRef)
-from .safety import (ALLOWED, GETATTR, NEEDS_TRUST, RECONSTRUCTORS, UNSAFE, WEIGHTS_ONLY, Call,
-                     Safety, judge_global, normalize, summarize)
+from .safety import (ALLOWED, GETATTR, KNOWN_DATA, NEEDS_TRUST, RECONSTRUCTORS, UNSAFE,
+                     WEIGHTS_ONLY, Call, Safety, judge_global, normalize, summarize)
 
 _NODE_SAFETY = {WEIGHTS_ONLY: "allowed", NEEDS_TRUST: "opaque", UNSAFE: "dangerous"}
 
@@ -100,10 +100,22 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     return NotImplemented
 
 
+def _known_attribute(args: tuple[Any, ...]) -> str | None:
+    """``getattr(Class, name)`` naming a known data constructor (Python pickles a classmethod
+    as getattr then call: ``zoneinfo.ZoneInfo._unpickle``): its qualified name, else None."""
+    if len(args) == 2 and isinstance(args[0], Global) and isinstance(args[1], str):
+        mod, name = normalize(args[0].module, args[0].name)
+        q = f"{mod}.{name}.{args[1]}"
+        return q if q in KNOWN_DATA else None
+    return None
+
+
 def _benign_getattr(args: tuple[Any, ...]) -> bool:
     """``getattr(Class, "public_name")`` on a class that is not dangerous itself: mmengine's
     message hub pickles statistics methods as ``getattr(HistoryBuffer, "min")``. Loading
     fetches the attribute and stores it; calling the result is judged where it happens."""
+    if _known_attribute(args) is not None:
+        return True
     return (len(args) == 2 and isinstance(args[0], Global) and args[0].safety != "dangerous"
             and args[0].name[:1].isupper() and isinstance(args[1], str)
             and args[1].isidentifier() and not args[1].startswith("_"))
@@ -240,6 +252,13 @@ class _Reader:
             return
         if not isinstance(func, (Global, Reduce, TensorRef, Storage)):
             return  # calling a constant (a str, a number, a container) only fails
+        if isinstance(func, Reduce) and isinstance(func.func, Global) \
+                and normalize(func.func.module, func.func.name) == ("builtins", "getattr"):
+            known = _known_attribute(func.args)
+            if known is not None:  # a classmethod of a known data class, called
+                self.record(known, args, NEEDS_TRUST,
+                            "a known data constructor outside torch's weights_only list", node)
+                return
         if not isinstance(func, Global):
             inner = func.qualname if isinstance(func, Reduce) else type(func).__name__
             self.record(f"<result of {inner}>", args, UNSAFE,
@@ -248,7 +267,10 @@ class _Reader:
         mod, name = normalize(func.module, func.name)
         q = f"{mod}.{name}"
         if q in GETATTR:
-            if kind == "reduce" and _benign_getattr(args):
+            known = _known_attribute(args) if kind == "reduce" else None
+            if known is not None:
+                level, why = NEEDS_TRUST, f"fetches {known}, a known data constructor"
+            elif kind == "reduce" and _benign_getattr(args):
                 level, why = NEEDS_TRUST, f"fetches {args[0].qualname}.{args[1]} (not called)"
             else:
                 level, why = UNSAFE, "getattr on a module, an object or a private name " \

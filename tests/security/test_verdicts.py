@@ -247,3 +247,25 @@ def test_show_of_a_polyglot_and_a_nullifai_pickle(tmp_path: Path) -> None:
         "note:    a plain pickle that breaks: malformed pickle at byte 26: unsupported opcode "
         "0xff (torch.load runs what comes before, then fails)\n"
         "\nno optimizer, scheduler or model state found\n")
+
+
+def test_stdlib_objects_real_checkpoints_hold(tmp_path: Path) -> None:
+    """A pickled Logger (``logging.getLogger(name)``) and a datetime with a ZoneInfo (a
+    classmethod called through ``getattr(ZoneInfo, "_unpickle")``) need trust, nothing more;
+    the same getattr-then-call shape on anything else stays unsafe."""
+    import datetime
+    import logging
+    import zoneinfo
+    path = tmp_path / "objs.pt"
+    torch.save({"log": logging.getLogger("train"), "w": torch.ones(2),
+                "when": datetime.datetime(2024, 1, 1, tzinfo=zoneinfo.ZoneInfo("UTC"))}, path)
+    sf = ckpttool.open(path).safety
+    assert [(c.global_, c.level) for c in sf.calls] == [
+        ("logging.getLogger", "needs-trust"), ("__builtin__.getattr", "needs-trust"),
+        ("zoneinfo.ZoneInfo._unpickle", "needs-trust"), ("datetime.datetime", "needs-trust"),
+        ("zoneinfo.ZoneInfo", "needs-trust")]
+    G, U, call = corpus.G, corpus.U, corpus.call
+    assert _verdict(tmp_path, call(call(G("builtins", "getattr"), G("zoneinfo", "ZoneInfo"),
+                                        U("clear_cache")))) == (
+        "unsafe", [("<result of builtins.getattr>", "unsafe"),
+                   ("builtins.getattr", "needs-trust"), ("zoneinfo.ZoneInfo", "needs-trust")])
