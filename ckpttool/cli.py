@@ -18,10 +18,13 @@ from . import __version__
 from .errors import CkptError, ExitCode
 
 
-def _run(fn: Callable[[], Any]) -> Any:
+def _run(fn: Callable[[], Any], path: str | None = None) -> Any:
     try:
         return fn()
     except CkptError as e:
+        if e.path is None and path is not None:  # every error names the file
+            e.path = path
+            e.args = (e._text(),)
         click.echo(f"Error: {e}", err=True)
         sys.exit(int(e.exit_code))
     except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
@@ -66,7 +69,7 @@ def show(path: str, as_json: bool, pointer: str | None, show_all: bool, stats: b
             click.echo(json.dumps(show_json(ckpt, pointer, stats), indent=2))
         else:
             click.echo(show_text(ckpt, pointer, show_all, stats))
-    _run(go)
+    _run(go, path)
 
 
 def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -172,7 +175,7 @@ def set_lr_cmd(path: str, lr: float | None, scale: float | None, keep_ratios: bo
                       groups=list(groups) or None, optimizer=optimizer, scheduler=scheduler,
                       no_scheduler=no_scheduler, base_lr=base_lr)
         _finish(plan, output, force, backup, dry_run)
-    _run(go)
+    _run(go, path)
 
 
 @cli.command("set")
@@ -197,7 +200,7 @@ def set_cmd(path: str, assignments: tuple[str, ...], groups: tuple[int, ...],
         plan = set_hparams(open_for_edit(path), values, list(groups) or None, optimizer,
                            force)
         _finish(plan, output, force, backup, dry_run)
-    _run(go)
+    _run(go, path)
 
 
 def _parse_assignments(items: tuple[str, ...]) -> dict[str, Any]:
@@ -231,7 +234,7 @@ def move(path: str, device: str, pointer: str, output: str | None, force: bool, 
     def go() -> None:
         _finish(move_edit(open_for_edit(path), device, pointer), output, force, backup,
                 dry_run)
-    _run(go)
+    _run(go, path)
 
 
 @cli.command("merge-groups")
@@ -264,7 +267,7 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
         plan = merge_groups(open_for_edit(path), sel, _parse_assignments(sets), optimizer,
                             scheduler, no_scheduler, force)
         _finish(plan, output, force, backup, dry_run)
-    _run(go)
+    _run(go, path)
 
 
 @cli.command()
@@ -298,7 +301,7 @@ def check(path: str, as_json: bool, deep: bool, strict: bool, optimizer: str | N
             sys.exit(int(ExitCode.UNSAFE))
         failed = report.count(FAIL) or (strict and report.count(WARN))
         sys.exit(int(ExitCode.ERROR) if failed else 0)
-    _run(go)
+    _run(go, path)
 
 
 @cli.command()
@@ -329,7 +332,7 @@ def convert(path: str, target: str, sets: tuple[str, ...], moments: str, step: i
         plan = convert_edit(open_for_edit(path), target, sets=_parse_assignments(sets),
                             moments=moments, step=step, optimizer=optimizer)
         _finish(plan, output, force, backup, dry_run)
-    _run(go)
+    _run(go, path)
 
 
 def main() -> None:

@@ -243,6 +243,11 @@ def new_tensor(like: TensorRef, shape: Sequence[int], content: Content, *,
     dtype argument), on ``device`` (default ``like``'s); ``dtype`` defaults to ``like``'s.
     The storage's archive key is given by the writer (it numbers storages in first-use order).
     """
+    if like.is_dtensor:
+        raise EditError("the state holds DTensors (FSDP2 / tensor parallel): making new "
+                        "sharded tensors is not supported yet",
+                        hint="convert or add state before sharding, or on a full state dict "
+                             "(get_state_dict with full_state_dict=True)")
     dtype = dtype or like.dtype
     base = like.base
     st = like.storage

@@ -33,6 +33,9 @@ def tensor_json(t: Any) -> dict[str, Any]:
     d: dict[str, Any] = {"shape": list(t.shape), "dtype": t.dtype, "device": t.device}
     if t.value is not None:
         d["value"] = to_json(t.value)
+    dt = getattr(t, "dtensor", None)
+    if dt is not None:  # a DTensor: shape is global; its shard, placements and mesh
+        d["dtensor"] = dt
     chunks = getattr(t, "chunks", None)
     if chunks is not None:  # a DCP tensor: how it is sharded, and where
         d["chunks"] = [{"offsets": list(o or ()), "sizes": list(z or ()), "file": f,

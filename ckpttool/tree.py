@@ -174,6 +174,12 @@ def walk_all(root: Any, pointer: str = "") -> Iterator[tuple[str, Any, bool]]:
         if isinstance(obj, TensorRef):
             seen.add(id(obj))
             yield ptr, obj, opaque
+            if not obj.plain and obj.is_dtensor:
+                # its spec is opaque data that may hold tensors (the mesh's rank map); the
+                # local shard is the DTensor's own storage
+                spec = obj.args[3][1].get("_spec")
+                if isinstance(spec, Reduce):
+                    stack.append((f"{ptr}/@args/3/1/_spec", spec, True))
             continue
         if isinstance(obj, Reduce):
             seen.add(id(obj))

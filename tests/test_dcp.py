@@ -191,3 +191,42 @@ def test_flattened_check_pointers_and_no_edit(tmp_path: Path) -> None:
         "(flatten_optimizer_state_dict=True): ckpttool reads it but does not edit it yet; save "
         "it again with get_state_dict(...) without flatten_optimizer_state_dict, then edit that "
         "file\n")
+
+
+def test_fsdp2_dtensor_file(tmp_path: Path) -> None:
+    """A torch.save of an FSDP2 model and optimizer (every tensor a DTensor): read as tensors
+    with global and local shapes, placements and mesh; names by model alignment; set-lr edits
+    it and torch loads the result; new sharded tensors and device moves are refused."""
+    import shutil
+    src = Path(__file__).parent / "security" / "fsdp2_dtensor.pt"  # tests/security/make_dtensor.py
+    path = tmp_path / "fsdp2.pt"
+    shutil.copy(src, path)
+    doc = json.loads(run("show", "--json", path).stdout)
+    [opt] = doc["optimizers"]
+    assert [s["name"] for s in opt["state"]] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert opt["state"][0]["entries"]["exp_avg"]["dtensor"] == {
+        "global_shape": [4, 3], "local_shape": [4, 3], "placements": ["Shard(0)"],
+        "mesh_device": "cpu"}
+    assert doc["storages"]["count"] == 17  # the mesh's rank map inside the spec counted too
+    assert [f.id for f in ckpttool.check(path).findings] == ["weights-only"]
+    assert run("set-lr", path, "1e-4").stdout == (
+        "set-lr: lr 0.0001 in optimizer /optimizer (group 0 x0.1); no scheduler; 1 value "
+        f"changed; wrote {path}\n")
+    import torch.distributed.tensor  # noqa: F401  (DTensor's classes, to load our own file)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded["optimizer"]["param_groups"][0]["lr"] == 1e-4
+    orig = torch.load(src, weights_only=False)
+    for k, v in orig["optimizer"]["state"][0].items():
+        assert torch.equal(loaded["optimizer"]["state"][0][k].to_local(), v.to_local()) \
+            if hasattr(v, "to_local") else torch.equal(loaded["optimizer"]["state"][0][k], v)
+    r = run("convert", path, "--to", "sgd", "--set", "momentum=0.9", code=1)
+    assert r.stderr == (
+        f"Error: {path}: the state holds DTensors (FSDP2 / tensor parallel): making new sharded "
+        "tensors is not supported yet; convert or add state before sharding, or on a full state "
+        "dict (get_state_dict with full_state_dict=True)\n")
+    r = run("move", path, "cuda:0", code=1)
+    assert r.stderr == (
+        f"Error: {path}: /model/0.weight is a DTensor: its device is its mesh's (the wrapper and "
+        "the DeviceMesh name a device too); moving sharded state is not supported yet; move it "
+        "with torch after loading on the target mesh, or save a full state dict "
+        "(full_state_dict=True) and move that\n")

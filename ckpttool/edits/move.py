@@ -14,7 +14,7 @@ import re
 from ..checkpoint import Checkpoint
 from ..errors import EditError
 from ..formats.nodes import TensorRef
-from ..tree import opaque_top, storages
+from ..tree import opaque_top, storages, walk_all
 from . import Plan, TreeEditor
 
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
@@ -40,6 +40,13 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> Plan:
         pointer: only storages under this JSON Pointer (default: all).
     """
     loc = normalize_device(device)
+    for ptr, obj, _ in walk_all(ckpt.resolve(pointer), pointer):
+        if isinstance(obj, TensorRef) and not obj.plain and obj.is_dtensor:
+            raise EditError(f"{ptr or '/'} is a DTensor: its device is its mesh's (the wrapper "
+                            "and the DeviceMesh name a device too); moving sharded state is "
+                            "not supported yet", path=ckpt.path, pointer=ptr,
+                            hint="move it with torch after loading on the target mesh, or "
+                                 "save a full state dict (full_state_dict=True) and move that")
     ed = TreeEditor(ckpt, "move")
     cpu_steps: set[int] = set()
     for opt in ckpt.optimizers:

@@ -45,6 +45,19 @@ PARAMETER_REBUILDERS = frozenset({
 # ``_rebuild_from_type_v2(func, new_type, args, state)``: a tensor subclass or a tensor with
 # Python attributes (FSDP1 full state dicts: ``_has_been_cloned``), rebuilt by ``func(*args)``
 FROM_TYPE_REBUILDERS = frozenset({"torch._tensor._rebuild_from_type_v2"})
+# a DTensor: ``_rebuild_from_type_v2(_rebuild_wrapper_subclass, DTensor, (DTensor, dtype,
+# global size, global stride, offset, layout, device, requires_grad), (None, {"_local_tensor":
+# <this rank's shard>, "_spec": DTensorSpec(mesh, placements, tensor_meta)}))``
+WRAPPER_SUBCLASS = "torch._utils._rebuild_wrapper_subclass"
+
+
+def dtensor_local(args: tuple[Any, ...]) -> TensorRef | None:
+    """The local shard of a DTensor's ``_rebuild_from_type_v2`` args, or None."""
+    if len(args) >= 4 and isinstance(args[0], Global) and args[0].qualname == WRAPPER_SUBCLASS \
+            and isinstance(args[3], tuple) and len(args[3]) == 2 and isinstance(args[3][1], dict):
+        t = args[3][1].get("_local_tensor")
+        return t if isinstance(t, TensorRef) else None
+    return None
 
 
 class Global:
@@ -194,6 +207,8 @@ class TensorRef(Reduce):
             inner = self.args[0]
             if isinstance(inner, TensorRef):
                 return inner.base
+        elif self.qualname in FROM_TYPE_REBUILDERS and dtensor_local(self.args) is not None:
+            return dtensor_local(self.args).base  # type: ignore[union-attr]
         elif self.qualname in FROM_TYPE_REBUILDERS and len(self.args) > 2 \
                 and isinstance(self.args[0], Global) and isinstance(self.args[2], tuple):
             if self.args[0].qualname in TENSOR_REBUILDERS:
@@ -214,7 +229,37 @@ class TensorRef(Reduce):
         return int((self.args if self.plain else self.base.args)[1])
 
     @property
+    def is_dtensor(self) -> bool:
+        return not self.plain and self.qualname in FROM_TYPE_REBUILDERS \
+            and dtensor_local(self.args) is not None
+
+    @property
+    def dtensor(self) -> dict[str, Any] | None:
+        """For a DTensor: its global and local shapes, placements and mesh shape."""
+        if not self.is_dtensor:
+            return None
+        spec = self.args[3][1].get("_spec")
+        st = spec.state if isinstance(spec, Reduce) and spec.has_state else {}
+        st = st if isinstance(st, dict) else {}
+        placements = []
+        for p in st.get("placements") or ():
+            if isinstance(p, Reduce):
+                fields = p.state if isinstance(p.state, dict) else {}
+                dim = fields.get("dim", p.args[0] if p.args else None)
+                name = p.qualname.rsplit(".", 1)[-1]
+                placements.append(f"{name}({dim})" if dim is not None else f"{name}()")
+            else:
+                placements.append(str(p))
+        mesh = st.get("mesh")
+        mstate = mesh.state if isinstance(mesh, Reduce) and isinstance(mesh.state, dict) else {}
+        return {"global_shape": list(self.shape), "local_shape": list(self.base.shape),
+                "placements": placements, "mesh_device": str(mstate.get("_device_type", "?"))}
+
+    @property
     def shape(self) -> tuple[int, ...]:
+        if not self.plain and self.is_dtensor:  # the global shape
+            size = self.args[2][2] if len(self.args[2]) > 2 else ()
+            return tuple(int(x) for x in size) if isinstance(size, (tuple, list)) else ()
         size = (self.args if self.plain else self.base.args)[2]
         if isinstance(size, Reduce):  # torch.Size((...))
             size = size.args[0] if size.args else ()

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 from ..errors import PickleError
 from .nodes import (FROM_TYPE_REBUILDERS, PARAMETER_REBUILDERS, TENSOR_REBUILDERS, Global, Reduce,
-                    Storage, TensorRef)
+                    Storage, TensorRef, dtensor_local)
 from .safety import (ALLOWED, GETATTR, KNOWN_DATA, NEEDS_TRUST, RECONSTRUCTORS, UNSAFE,
                      WEIGHTS_ONLY, Call, Safety, judge_global, normalize, summarize)
 
@@ -128,6 +128,8 @@ def _wraps_tensor(args: tuple[Any, ...]) -> bool:
     inner = args[2]
     if args[0].qualname in TENSOR_REBUILDERS:
         return len(inner) >= 4 and isinstance(inner[0], Storage)
+    if dtensor_local(args) is not None:  # a DTensor around its local shard
+        return True
     return bool(inner) and isinstance(inner[0], TensorRef)
 
 
