@@ -82,6 +82,9 @@ def read_tar(path: str, f: BinaryIO) -> tuple[Unpickled, Safety]:
             st = a.root[2] if isinstance(a.root, tuple) and len(a.root) == 3 else None
             size = _ELEMENT.get(st.name.replace("Storage", ""), 1) if isinstance(st, Global) else 1
             (numel,) = struct.unpack("<q", tail)
+            if numel < 0:
+                raise UnreadableError("tar member 'storages' declares a negative storage size",
+                                      path=path)
             pos += a.end + 8 + numel * size
         part(storages, pos)  # the storage views
         tensors = member("tensors")
@@ -90,6 +93,9 @@ def read_tar(path: str, f: BinaryIO) -> tuple[Unpickled, Safety]:
         for _ in range(_count(u.root, path, "tensors")):
             a, tail = part(tensors, pos, 4)
             (ndim,) = struct.unpack("<i", tail)
+            if not 0 <= ndim <= 64:
+                raise UnreadableError(f"tar member 'tensors' declares {ndim} dimensions",
+                                      path=path)
             pos += a.end + 8 + 16 * ndim + 8
         main, _ = part(member("pickle"), 0)
     return main, safety
