@@ -545,8 +545,8 @@ def check_deep(ctx: Context) -> Iterator[Finding]:
                           "the run diverged before this save; resume from an earlier one")
         if neg:
             yield Finding("negative-second-moment", FAIL, ptr,
-                          f"{neg} value{' of a second moment is' if neg == 1 else 's of a second moment are'} "
-                          "negative", "")
+                          f"{neg} value{'' if neg == 1 else 's'} of a second moment "
+                          f"{'is' if neg == 1 else 'are'} negative", "")
         if not nonzero and "/state/" in ptr and not ptr.endswith("/step") and rec.size > 8:
             yield Finding("zero-moment", INFO, ptr, "all values are 0", "")
 
