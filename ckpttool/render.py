@@ -20,6 +20,7 @@ from .formats.safetensors import SafeTensor
 from .locate import (ModelState, OptimizerState, SchedulerState, flattened_to_nested,
                      is_flattened_optimizer, is_model_state,
                      is_optimizer_state)
+from .deepspeed import zero_groups
 from .tree import join
 
 if TYPE_CHECKING:
@@ -182,6 +183,12 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
         "optimizers": [optimizer_json(o, tensor_stats) for o in opts],
         "schedulers": [scheduler_json(s) for s in ckpt.schedulers],
         "models": [model_json(m) for m in ckpt.models],
+        "deepspeed_zero": [{"file": z.file, "rank": z.rank, "group": z.group,
+                            "partition_numel": z.partition_numel, "padding": z.padding,
+                            "params": [{"name": s.name, "shape": list(s.shape)
+                                        if s.shape is not None else None,
+                                        "start": s.start, "numel": s.numel} for s in z.slices]}
+                           for z in zero_groups(ckpt)],
     }
 
 
@@ -288,6 +295,14 @@ def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = Fal
         lines += ["", f"scheduler {s.pointer or '(root)'}: {s.type}",
                   f"  last_epoch={fmt(s.last_epoch)}  base_lrs={fmt(s.base_lrs)}  "
                   f"last_lr={fmt(s.last_lr)}"]
+    zero = zero_groups(ckpt) if pointer is None else []
+    if zero:
+        lines += ["", "DeepSpeed ZeRO partitions (param_slice_mappings: each param's elements "
+                      "in the flat fp32 partition and moments):"]
+        rows = [[f"{z.rank}", z.group, s.name, list(s.shape) if s.shape is not None else "?",
+                 f"[{s.start}, {s.start + s.numel})"]
+                for z in zero for s in z.slices]
+        lines.append(_indent(tabulate(rows, ["rank", "group", "param", "shape", "elements"])))
     if ckpt.models and pointer is None:
         rows = [[m.pointer or "(root)", len(m.tensors), f"{m.elements:,}", _human(m.nbytes),
                  ", ".join(f"{k} x{n}" for k, n in m.dtypes.items())] for m in ckpt.models]

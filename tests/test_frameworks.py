@@ -5,6 +5,7 @@ tags. Each test failed on the edit engine before the plan rewrite."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -300,3 +301,22 @@ def test_deepspeed_run_folder_follows_latest(tmp_path: Path) -> None:
     (run_dir / "latest").write_text("global_step9")  # names nothing here: not followed
     with pytest.raises(ckpttool.UnreadableError, match="a folder with no checkpoint files"):
         ckpttool.open(run_dir)
+
+
+def test_deepspeed_zero_partitions_per_param() -> None:
+    """Each param's slice of the flat fp32 partition, as show gives it, is that param: the
+    slice of DeepSpeed's own master copy equals the model file's weight, exactly."""
+    doc = json.loads(run("show", "--json", FIXTURES / "deepspeed").stdout)
+    zero = doc["deepspeed_zero"]
+    assert [(z["rank"], z["group"], [(p["name"], p["shape"], p["start"], p["numel"])
+                                     for p in z["params"]]) for z in zero] == [
+        (0, 0, [("0.weight", [3, 4], 0, 12), ("2.weight", [2, 3], 12, 6)]),
+        (0, 1, [("0.bias", [3], 0, 3), ("2.bias", [2], 3, 2)])]
+    step = FIXTURES / "deepspeed" / "global_step3"
+    model = load_fixture(step / "mp_rank_00_model_states.pt")["module"]
+    osd = load_fixture(step / "zero_pp_rank_0_mp_rank_00_optim_states.pt")["optimizer_state_dict"]
+    for z in zero:
+        flat = osd["single_partition_of_fp32_groups"][z["group"]]
+        for p in z["params"]:
+            part = flat[p["start"]:p["start"] + p["numel"]].view(p["shape"])
+            assert torch.equal(part, model[p["name"]].float())
