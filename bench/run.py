@@ -725,11 +725,16 @@ def main() -> int:
     for p in (OUTDIR / "_stdout.txt", OUTDIR / "_stderr.txt", OUTDIR / "_rss.txt"):
         p.unlink(missing_ok=True)
     if not a.keep:
-        for p, _ in files.values():
-            p.unlink(missing_ok=True)
-            p.with_suffix(".json").unlink(missing_ok=True)
-        log("removed the built inputs (use --keep to cache them in bench/out/)")
+        remove_inputs([p for p, _ in files.values()], log)
     return 0
+
+
+def remove_inputs(paths, log) -> None:
+    """Delete built input checkpoints and their validation sidecars (unless --keep)."""
+    for p in paths:
+        p.unlink(missing_ok=True)
+        p.with_suffix(".json").unlink(missing_ok=True)
+    log("removed the built inputs (use --keep to cache them in bench/out/)")
 
 
 if __name__ == "__main__":

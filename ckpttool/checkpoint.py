@@ -503,23 +503,17 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
 
 def _read_legacy(path: str, name: str, fd: int, size: int) -> CheckpointFile:
     # The pickles come first; read a growing prefix until they parse.
-    limit = 1 << 20
-    while True:
-        data = os.pread(fd, min(size, limit), 0)
-        try:
-            main, meta = read_legacy(path, data, size)
-            break
-        except PickleTruncated as e:  # only a cut-off pickle can parse with a longer prefix
-            if limit >= size:
-                return _broken(path, name, "torch-legacy", size, e,
-                               "legacy torch file, truncated or corrupt")
-            limit *= 8
-        except PickleError as e:
-            return _broken(path, name, "torch-legacy", size, e, "legacy torch file")
-        except UnreadableError as e:
-            if e.path is not None:  # the legacy reader named the file itself
-                raise
-            raise UnreadableError(f"legacy torch file: {e.message}", path=path) from None
+    try:
+        main, meta = _read_growing(fd, size, lambda data: read_legacy(path, data, size))
+    except PickleTruncated as e:  # the whole file was read and a pickle is still cut off
+        return _broken(path, name, "torch-legacy", size, e,
+                       "legacy torch file, truncated or corrupt")
+    except PickleError as e:
+        return _broken(path, name, "torch-legacy", size, e, "legacy torch file")
+    except UnreadableError as e:
+        if e.path is not None:  # the legacy reader named the file itself
+            raise
+        raise UnreadableError(f"legacy torch file: {e.message}", path=path) from None
     f = CheckpointFile(name, path, "torch-legacy", size, main.root, None, meta.pop("globals"),
                        main.storages, _tensors(main), extra=meta, safety=meta.pop("safety"))
     _read_tiny_values(fd, f)

@@ -29,7 +29,7 @@ from .edits import as_number
 from .errors import CkptError
 from .formats.nodes import TensorRef
 from .formats.safetensors import SafeTensor
-from .formats.safety import ALLOWED
+from .formats.safety import ALLOWED, NEEDS_TRUST
 from .locate import OptimizerState
 from .names import model_parameters, param_shape, state_shapes
 from .newtensors import decode, lazy_numpy
@@ -416,9 +416,10 @@ def check_loading(ctx: Context) -> Iterator[Finding]:
             yield Finding("crc" if crc else "archive-trick", FAIL if crc else WARN, where,
                           trick, "restore the file from another copy" if crc else
                           "re-save it with torch.save if you trust it")
-    outside = {q for f in ctx.ckpt.files if f.format in ("torch-zip", "torch-legacy")
-               for q, g in f.globals.items()
-               if g.safety != "dangerous" and _norm(q) not in ALLOWED}
+    # the verdict's needs-trust globals (outside ckpttool's copy of torch's allowlist), less
+    # those a newer installed torch allows
+    outside = {c.global_ for f in ctx.ckpt.files if f.format in ("torch-zip", "torch-legacy")
+               for c in f.safety.calls if c.level == NEEDS_TRUST and c.global_ in f.globals}
     refused = sorted(q for q in outside if _norm(q) not in _allowed()) if outside else []
     if refused:
         yield Finding("weights-only", WARN, "",

@@ -119,6 +119,8 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
         progress.close()
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
+    if plan.source.followed:  # a DeepSpeed run folder: say which checkpoint was edited
+        click.echo(f"note: edited {plan.source.path} ({plan.source.followed})", err=True)
     if not result.changed:
         where = f"; {result.output} is a copy" if output is not None else "; nothing written"
         click.echo(f"{plan.summary}{where}")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .formats.nodes import Reduce
+from .formats.nodes import as_shape, fields
 from .tree import join
 
 if TYPE_CHECKING:
@@ -45,20 +45,6 @@ class ZeroGroup:
     slices: list[ZeroSlice]
 
 
-def _fields(node: Any) -> dict[str, Any]:
-    if isinstance(node, Reduce) and isinstance(node.state, dict):
-        return node.state
-    return {}
-
-
-def _shape(v: Any) -> tuple[int, ...] | None:
-    if isinstance(v, Reduce) and v.args and isinstance(v.args[0], (tuple, list)):
-        v = v.args[0]
-    if isinstance(v, (tuple, list)) and all(type(x) is int for x in v):
-        return tuple(v)
-    return None
-
-
 def zero_groups(ckpt: Checkpoint) -> list[ZeroGroup]:
     """Every ZeRO-1/2 partition of a DeepSpeed checkpoint folder, by rank file and group."""
     if not ckpt.is_folder:
@@ -69,7 +55,7 @@ def zero_groups(ckpt: Checkpoint) -> list[ZeroGroup]:
         if f.name.endswith("_model_states.pt") and isinstance(root, dict):
             for group in root.get("param_shapes") or ():
                 if isinstance(group, dict):
-                    shapes.update({str(k): _shape(v) for k, v in group.items()})
+                    shapes.update({str(k): as_shape(v) for k, v in group.items()})
     out: list[ZeroGroup] = []
     for f in ckpt.files:
         m = _RANK_FILE.search(f.name)
@@ -87,7 +73,7 @@ def zero_groups(ckpt: Checkpoint) -> list[ZeroGroup]:
                 continue
             slices = []
             for name, addr in mapping.items():
-                a = _fields(addr)
+                a = fields(addr)
                 if type(a.get("start")) is int and type(a.get("numel")) is int:
                     slices.append(ZeroSlice(str(name), shapes.get(str(name)), a["start"],
                                             a["numel"]))

@@ -36,3 +36,15 @@ def run(*args: Any, code: int | None = 0) -> Result:
     result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
     assert code is None or result.exit_code == code, (result.stdout, result.stderr)
     return result
+
+
+def train_steps(model: Any, opt: Any, sched: Any = None, steps: int = 3) -> None:
+    """``steps`` real optimizer (and scheduler) steps of ``model`` on a fixed 4x4 input."""
+    import torch
+    x = torch.linspace(-1, 1, 16).reshape(4, 4)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()

@@ -15,7 +15,7 @@ from torch.optim import lr_scheduler as S
 
 import ckpttool
 from ckpttool.checks import CheckFailed, check
-from conftest import FIXTURES, run
+from conftest import FIXTURES, run, train_steps
 
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
 # what a CPU-only machine must refuse: files tagged cuda:0, and the unsafe payloads
@@ -44,12 +44,7 @@ def trained(tmp_path: Path, name: str = "ck.pt", **extra: Any) -> tuple[Path, di
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     sched = S.StepLR(opt, step_size=2, gamma=0.5)
-    x = torch.linspace(-1, 1, 16).reshape(4, 4)
-    for _ in range(3):
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-        sched.step()
+    train_steps(model, opt, sched)
     ck = {"model": model.state_dict(), "optimizer": opt.state_dict(),
           "scheduler": sched.state_dict(), **extra}
     path = tmp_path / name

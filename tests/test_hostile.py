@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import pickletools
 import random
 import shutil
 import struct
@@ -39,57 +38,11 @@ FIXTURE_MARKER = Path("/tmp/ckpttool_pwned_marker")
 
 
 # --------------------------------------------------------------------------------------------
-# building blocks: pickle opcodes and torch zip archives
+# building blocks: pickle opcodes and torch zip archives (shared with the security corpus)
 
-def G(module: str, name: str) -> bytes:
-    """GLOBAL (text) opcode."""
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def U(s: str) -> bytes:
-    """BINUNICODE."""
-    b = s.encode()
-    return b"X" + struct.pack("<I", len(b)) + b
-
-
-def SU(s: str) -> bytes:
-    """SHORT_BINUNICODE (protocol 4)."""
-    b = s.encode()
-    return b"\x8c" + bytes([len(b)]) + b
-
-
-def S(s: str) -> bytes:
-    """Protocol-0 STRING."""
-    return b"S" + repr(s).encode() + b"\n"
-
-
-def call(func: bytes, *args: bytes) -> bytes:
-    """func(*args) via MARK ... TUPLE REDUCE."""
-    return func + b"(" + b"".join(args) + b"tR"
-
-
-def strip_pickle(p: bytes) -> bytes:
-    """The opcodes of a whole pickle without PROTO, FRAME and STOP, to embed in another one."""
-    ops = list(pickletools.genops(p))
-    out = []
-    for i, (op, _, pos) in enumerate(ops):
-        end = ops[i + 1][2] if i + 1 < len(ops) else len(p)
-        if op.name not in ("PROTO", "FRAME", "STOP"):
-            out.append(p[pos:end])
-    return b"".join(out)
-
-
-def _sgd_members() -> tuple[str, bytes, list[tuple[str, bytes]]]:
-    with zipfile.ZipFile(SGD) as z:
-        names = z.namelist()
-        prefix = names[0].split("/", 1)[0]
-        members = [(n.split("/", 1)[1], z.read(n)) for n in names]
-    data = dict(members)["data.pkl"]
-    assert data[:2] == b"\x80\x02" and data[-1:] == b"."
-    return prefix, data, [(n, b) for n, b in members if n != "data.pkl"]
-
-
-PREFIX, SGD_PKL, SGD_OTHER = _sgd_members()
+sys.path.insert(0, str(Path(__file__).resolve().parent / "security"))
+from corpus import (PREFIX, SGD_OTHER, SGD_PKL, SU, G, S, U, call,  # noqa: E402
+                    strip_pickle, with_payload)
 
 
 def write_zip(path: Path, data_pkl: bytes, compress: int = zipfile.ZIP_STORED,
@@ -100,16 +53,6 @@ def write_zip(path: Path, data_pkl: bytes, compress: int = zipfile.ZIP_STORED,
         for n, b in SGD_OTHER if others is None else others:
             z.writestr(f"{prefix}/{n}", b)
     return path
-
-
-def with_payload(payload: bytes, proto: int = 2) -> bytes:
-    """data.pkl for ``{"x": <payload>, "optimizer": <the real SGD state_dict>}``.
-
-    The payload comes first, so its memo entries are overwritten by the SGD pickle's own
-    BINPUTs only after it has used them.
-    """
-    return (b"\x80" + bytes([proto]) + b"}(" + U("x") + payload + U("optimizer")
-            + SGD_PKL[2:-1] + b"u.")
 
 
 def write_payload(path: Path, payload: bytes, proto: int = 2) -> Path:

@@ -27,7 +27,7 @@ from ckpttool.formats.nodes import TensorRef
 from ckpttool.newtensors import Zeros
 from ckpttool.save import save
 
-from conftest import FIXTURES, run
+from conftest import FIXTURES, run, train_steps
 
 
 def changes(plan: Plan) -> list[tuple[str, Any, Any]]:
@@ -117,12 +117,7 @@ def build_two_groups(tmp_path: Path) -> Path:
     opt = torch.optim.Adam([{"params": model[2].parameters(), "lr": 0.01},
                             {"params": model[0].parameters(), "lr": 0.01}])
     sched = S.StepLR(opt, step_size=2, gamma=0.5)
-    x = torch.linspace(-1, 1, 16).reshape(4, 4)
-    for _ in range(3):
-        opt.zero_grad()
-        model(x).pow(2).mean().backward()
-        opt.step()
-        sched.step()
+    train_steps(model, opt, sched)
     path = tmp_path / "two.pt"
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict()}, path)

@@ -25,36 +25,11 @@ import os
 from typing import Any, Callable
 
 from ..errors import UnreadableError
-from .nodes import DTYPE_ITEMSIZE, Global, Reduce
+from .nodes import DTYPE_ITEMSIZE, Global, Reduce, as_shape, fields
 from .safetensors import SafeTensor
 from .safety import Safety
 
 TINY_NUMEL = 8  # as for torch.save files: tensors this small have their values read
-
-
-def fields(node: Any) -> dict[str, Any]:
-    """The attributes a pickled dataclass is rebuilt with (its BUILD state)."""
-    if not isinstance(node, Reduce) or not node.has_state:
-        return {}
-    st = node.state
-    if isinstance(st, dict):
-        return st
-    if isinstance(st, tuple) and len(st) == 2:  # (dict or None, slots dict)
-        out: dict[str, Any] = {}
-        for part in st:
-            if isinstance(part, dict):
-                out.update(part)
-        return out
-    return {}
-
-
-def _size(node: Any) -> tuple[int, ...] | None:
-    """A ``torch.Size((...))`` as a tuple of ints."""
-    if isinstance(node, Reduce) and node.args and isinstance(node.args[0], (tuple, list)):
-        node = node.args[0]
-    if isinstance(node, (tuple, list)) and all(type(x) is int for x in node):
-        return tuple(node)
-    return None
 
 
 def _qual(node: Any) -> str:
@@ -84,7 +59,7 @@ def build_tree(path: str, meta: Any, read_value: ReadValue) -> tuple[dict[str, A
     for idx, info in storage.items():
         f, i = fields(idx), fields(info)
         if isinstance(f.get("fqn"), str) and isinstance(i.get("relative_path"), str):
-            where[(f["fqn"], _size(f.get("offset")))] = (
+            where[(f["fqn"], as_shape(f.get("offset")))] = (
                 i["relative_path"], int(i.get("offset") or 0), int(i.get("length") or 0))
     safety = Safety()
     notes: list[str] = []
@@ -146,11 +121,11 @@ def _tensor(fqn: str, md: dict[str, Any], where: dict[tuple[str, Any], tuple[str
         props = {"dtype": st[0]}
     dt = props.get("dtype")
     dtype = dt.name if isinstance(dt, Global) else str(dt)
-    shape = _size(md.get("size")) or ()
+    shape = as_shape(md.get("size")) or ()
     chunks = []
     for ch in md.get("chunks") or ():
         c = fields(ch)
-        offsets, sizes = _size(c.get("offsets")), _size(c.get("sizes"))
+        offsets, sizes = as_shape(c.get("offsets")), as_shape(c.get("sizes"))
         file, off, length = where.get((fqn, offsets), ("?", -1, 0))
         chunks.append((offsets, sizes, file, off, length))
     first = chunks[0] if chunks else (None, None, "", -1, 0)

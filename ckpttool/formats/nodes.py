@@ -45,6 +45,30 @@ PARAMETER_REBUILDERS = frozenset({
 # ``_rebuild_from_type_v2(func, new_type, args, state)``: a tensor subclass or a tensor with
 # Python attributes (FSDP1 full state dicts: ``_has_been_cloned``), rebuilt by ``func(*args)``
 FROM_TYPE_REBUILDERS = frozenset({"torch._tensor._rebuild_from_type_v2"})
+def fields(node: Any) -> dict[str, Any]:
+    """The attributes a pickled object (a dataclass, a ``__dict__``) is rebuilt with: its BUILD
+    state, whether a dict or ``(dict or None, slots dict)``; ``{}`` for anything else."""
+    st = node.state if isinstance(node, Reduce) and node.has_state else None
+    if isinstance(st, dict):
+        return st
+    if isinstance(st, tuple) and len(st) == 2:
+        out: dict[str, Any] = {}
+        for part in st:
+            if isinstance(part, dict):
+                out.update(part)
+        return out
+    return {}
+
+
+def as_shape(v: Any) -> tuple[int, ...] | None:
+    """A shape given as a tuple of ints or a pickled ``torch.Size((...))``, else None."""
+    if isinstance(v, Reduce) and v.args and isinstance(v.args[0], (tuple, list)):
+        v = v.args[0]
+    if isinstance(v, (tuple, list)) and all(type(x) is int for x in v):
+        return tuple(v)
+    return None
+
+
 # a DTensor: ``_rebuild_from_type_v2(_rebuild_wrapper_subclass, DTensor, (DTensor, dtype,
 # global size, global stride, offset, layout, device, requires_grad), (None, {"_local_tensor":
 # <this rank's shard>, "_spec": DTensorSpec(mesh, placements, tensor_meta)}))``
@@ -238,22 +262,18 @@ class TensorRef(Reduce):
         """For a DTensor: its global and local shapes, placements and mesh shape."""
         if not self.is_dtensor:
             return None
-        spec = self.args[3][1].get("_spec")
-        st = spec.state if isinstance(spec, Reduce) and spec.has_state else {}
-        st = st if isinstance(st, dict) else {}
+        st = fields(self.args[3][1].get("_spec"))
         placements = []
         for p in st.get("placements") or ():
             if isinstance(p, Reduce):
-                fields = p.state if isinstance(p.state, dict) else {}
-                dim = fields.get("dim", p.args[0] if p.args else None)
+                dim = fields(p).get("dim", p.args[0] if p.args else None)
                 name = p.qualname.rsplit(".", 1)[-1]
                 placements.append(f"{name}({dim})" if dim is not None else f"{name}()")
             else:
                 placements.append(str(p))
-        mesh = st.get("mesh")
-        mstate = mesh.state if isinstance(mesh, Reduce) and isinstance(mesh.state, dict) else {}
         return {"global_shape": list(self.shape), "local_shape": list(self.base.shape),
-                "placements": placements, "mesh_device": str(mstate.get("_device_type", "?"))}
+                "placements": placements,
+                "mesh_device": str(fields(st.get("mesh")).get("_device_type", "?"))}
 
     @property
     def shape(self) -> tuple[int, ...]:

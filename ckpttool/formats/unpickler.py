@@ -149,6 +149,7 @@ class _Reader:
         # the verdict so far: calls and lookups that are not weights-only, deduplicated by
         # (global, level, why); and each global's level as a mere lookup
         self.calls: dict[tuple[str, str, str], Call] = {}
+        self.unplaced: list[Call] = []  # new records of the call being read, without a node
         self.value_levels: dict[tuple[str, str], tuple[str, str]] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -221,8 +222,10 @@ class _Reader:
         key = (global_, level, why)
         c = self.calls.get(key)
         if c is None:
-            self.calls[key] = Call(global_, summarize(args), level, why, max(self.pos - 1, 0),
-                                   node=node)
+            c = self.calls[key] = Call(global_, summarize(args), level, why,
+                                       max(self.pos - 1, 0), node=node)
+            if node is None:  # the call being read: call() gives it the node it builds
+                self.unplaced.append(c)
         else:
             c.count += 1
 
@@ -308,7 +311,17 @@ class _Reader:
     def call(self, func: Any, args: Any, kind: str) -> Any:
         if not isinstance(args, tuple):
             raise self.fail("call arguments are not a tuple")
+        self.unplaced.clear()  # records of lookups read before this call stay at their offset
         self.judge_call(func, args, kind, None)
+        node = self.build(func, args, kind)
+        for c in self.unplaced:  # the first call of each kind: found in the tree later
+            c.node = node
+        self.unplaced.clear()
+        return node
+
+    def build(self, func: Any, args: tuple[Any, ...], kind: str) -> Any:
+        """What the call leaves in the tree: a value our own code evaluated, a tensor, or a
+        recorded call."""
         if isinstance(func, Global):
             if kind == "reduce" and func.safety != "dangerous":
                 value = _evaluate_builtin(func, args, self.check_hashable)
@@ -324,11 +337,7 @@ class _Reader:
                     self.check_tensor(t.base)
                 self.tensors.append(t)
                 return t
-        node = Reduce(func, args, kind)
-        for c in self.calls.values():  # the first call of each kind: find it in the tree later
-            if c.node is None and c.offset == self.pos - 1:
-                c.node = node
-        return node
+        return Reduce(func, args, kind)
 
     def safety(self) -> Safety:
         """The verdict on everything read so far: the calls, then the globals that were only

@@ -88,7 +88,7 @@ def marker_paths(marker_dir: Path, name: str) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# pickle opcodes (same helpers as tests/test_hostile.py)
+# pickle opcodes (tests/test_hostile.py imports them from here)
 
 def G(module: str, name: str) -> bytes:
     """GLOBAL (text) opcode."""
