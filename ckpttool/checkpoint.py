@@ -649,10 +649,6 @@ def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
                         "edit it yet", path=ckpt.path,
                         hint="save it again with get_state_dict(...) without "
                              "flatten_optimizer_state_dict, then edit that file")
-    if ckpt.kind == "dcp":
-        raise CkptError("editing a torch.distributed.checkpoint folder is not supported yet",
-                        path=ckpt.path, hint="ckpttool show and check read it; to edit, load it "
-                        "with torch.distributed.checkpoint.format_utils.dcp_to_torch_save")
     for f in ckpt.files:
         if f.extra.get("tricks"):
             raise CkptError(f"{f.path}: " + "; ".join(f.extra["tricks"]) + ": ckpttool reads "
@@ -697,8 +693,15 @@ def _open_dcp(path: str, names: list[str]) -> Checkpoint:
     size = meta.size + sum(files.values())
     f = CheckpointFile(".metadata", os.path.join(path, ".metadata"), "dcp", size, root,
                        globals=meta.globals, safety=safety,
-                       extra={"dcp_files": files, "dcp_notes": notes})
+                       extra={"dcp_files": files, "dcp_notes": notes, "dcp_meta": meta.root,
+                              "dcp_protocol": _pickle_protocol(meta.path)})
     return Checkpoint(path, "dcp", [f], other_files=sorted(files))
+
+
+def _pickle_protocol(path: str) -> int:
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return head[1] if head[:1] == b"\x80" else 0
 
 
 def _latest_tag(path: str, names: list[str]) -> str | None:

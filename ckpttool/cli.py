@@ -129,7 +129,8 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
              "the zip format" for w in result.written if w.converted_from == "torch-legacy"]
     extra += [f"the original is kept as {w.backup_path}" for w in result.written
               if w.backup_path]
-    if result.copied:
+    extra += result.details
+    if result.copied and not result.details:
         extra.append(f"{len(result.written)} file{'s' if len(result.written) != 1 else ''} "
                      f"rewritten, {len(result.copied)} kept as they were")
     click.echo(f"{plan.summary}; wrote {result.output}"

@@ -39,6 +39,7 @@ class SaveResult:
     changed: bool  # False: nothing to change (in place: nothing written; -o: a copy)
     written: list[WriteResult] = field(default_factory=list)  # files rewritten
     copied: list[str] = field(default_factory=list)  # files and links kept unchanged (relative)
+    details: list[str] = field(default_factory=list)  # what else was done, for people
 
 
 def _order(ckpt: Checkpoint) -> list[str]:
@@ -68,6 +69,8 @@ def save(edited: Plan | Checkpoint, output: str | None = None, *, force: bool = 
         raise UnsafeCheckpointError(
             f"refusing to write: the checkpoint references {', '.join(ckpt.unsafe_globals)}, "
             "which would run code when loaded. Nothing was written.", path=ckpt.path)
+    if ckpt.kind == "dcp":
+        return _save_dcp(ckpt, output, force, backup)
     touched = ckpt.touched
     files = {f.name: f for f in ckpt.files}
     if not ckpt.is_folder:
@@ -89,9 +92,57 @@ def save(edited: Plan | Checkpoint, output: str | None = None, *, force: bool = 
     return _save_folder(ckpt, output, force, progress)
 
 
+def _save_dcp(ckpt: Checkpoint, output: str | None, force: bool, backup: bool) -> SaveResult:
+    """A DCP folder: only the changed values are written (see :mod:`ckpttool.dcp_save`)."""
+    from .dcp_save import save_dcp
+    if not ckpt.touched:
+        if output is None:
+            return SaveResult(ckpt.path, False)
+        return SaveResult(output, False, copied=copy_folder(ckpt.path, output, force))
+    out, values, copied, dropped, data = save_dcp(ckpt, output, force=force, backup=backup)
+    n = len([v for v in values if not v.startswith("-")])
+    details = [f".metadata replaced"]
+    if n:
+        details.append(f"{n} value{'s' if n != 1 else ''} written to {data}")
+    gone = [v[1:] for v in values if v.startswith("-")]
+    if gone:
+        details.append(f"{len(gone)} key{'s' if len(gone) != 1 else ''} removed")
+    if dropped:
+        details.append(f"{', '.join(dropped)} no longer used and "
+                       + ("removed" if output is None else "left out"))
+    if backup and output is None:
+        details.append(f"the original .metadata is kept as .metadata.bak")
+    kept = len(copied) if output is not None else None
+    if kept is not None:
+        details.append(f"{kept} file{'s' if kept != 1 else ''} copied as they were")
+    return SaveResult(out, True, copied=copied, details=details)
+
+
 def _save_folder(ckpt: Checkpoint, output: str, force: bool,
                  progress: Progress | None) -> SaveResult:
-    src = os.path.realpath(ckpt.path)
+    touched = set(ckpt.touched)
+    files = {f.name: f for f in ckpt.files}
+    result = SaveResult(output, bool(touched))
+
+    def write_top(name: str, dest: str) -> bool:
+        if name not in touched:
+            return False
+        result.written.append(write_file(files[name], ckpt.roots[name], dest, force=True,
+                                         progress=progress))
+        return True
+    result.copied = copy_folder(ckpt.path, output, force, write_top=write_top)
+    return result
+
+
+def copy_folder(source: str, output: str, force: bool,
+                fill: Callable[[str], None] | None = None,
+                write_top: Callable[[str, str], bool] | None = None) -> list[str]:
+    """Reproduce folder ``source`` as ``output``, crash-safely: built under a temporary name
+    beside ``output`` and renamed into place only when complete. Each top-level file for which
+    ``write_top(name, dest)`` returns True was written by it; every other file, link and
+    subfolder is copied (links as links). ``fill(tmp)`` may then change the copy before the
+    rename. Returns the files and links copied (relative paths)."""
+    src = os.path.realpath(source)
     dest = os.path.abspath(output)
     if os.path.realpath(dest) == src or os.path.realpath(dest).startswith(src + os.sep):
         raise CkptError("the output folder is inside the checkpoint folder", path=output,
@@ -105,9 +156,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
     parent = os.path.dirname(dest)
     if not os.path.isdir(parent):
         raise CkptError(f"the folder {parent} does not exist", path=output)
-    touched = set(ckpt.touched)
-    files = {f.name: f for f in ckpt.files}
-    result = SaveResult(output, bool(touched))
+    copied: list[str] = []
     tmp = old = None
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.", suffix=TMP_SUFFIX,
@@ -121,22 +170,22 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
                 if os.path.islink(s):  # a link to a folder: kept as a link, not followed
                     os.symlink(os.readlink(s), os.path.join(there, d))
                     dirs.remove(d)
-                    result.copied.append(d if rel == "." else os.path.join(rel, d))
+                    copied.append(d if rel == "." else os.path.join(rel, d))
                     continue
                 os.mkdir(os.path.join(there, d))
                 shutil.copystat(s, os.path.join(there, d))
             for n in sorted(names):
                 s, t = os.path.join(here, n), os.path.join(there, n)
                 relname = n if rel == "." else os.path.join(rel, n)
-                if rel == "." and n in touched:
-                    result.written.append(write_file(files[n], ckpt.roots[n], t, force=True,
-                                                     progress=progress))
-                elif os.path.islink(s):
+                if rel == "." and write_top is not None and write_top(n, t):
+                    continue
+                if os.path.islink(s):
                     os.symlink(os.readlink(s), t)
-                    result.copied.append(relname)
                 else:
                     _copy_synced(s, t)
-                    result.copied.append(relname)
+                copied.append(relname)
+        if fill is not None:
+            fill(tmp)
         _fsync_tree(tmp)
         if os.path.lexists(dest):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.old.", suffix=TMP_SUFFIX,
@@ -155,7 +204,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    return result
+    return copied
 
 
 def _copy_synced(src: str, dst: str) -> None:

@@ -3,7 +3,10 @@
 ``get_state_dict`` (optimizer state keyed by parameter name, every tensor a DTensor sharded on
 dim 0 across both ranks).
 
-    python tests/make_dcp2.py OUTDIR      (~8 s)
+    python tests/make_dcp2.py OUTDIR              (~8 s)
+    python tests/make_dcp2.py --load DIR OUT.pt   resume from DIR on two ranks (dcp.load into
+        the get_state_dict layout, set_state_dict), record the lr of each group, then save the
+        full state (model and optimizer, gathered on rank 0) to OUT.pt
 """
 import os
 import socket
@@ -12,6 +15,40 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+def _model(world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    return model
+
+
+def loader(rank, world, port, src, out):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+                                                             set_state_dict)
+        model = _model(world)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.ones(3, 4)).sum().backward()  # make the state to load into
+        opt.step()
+        msd, osd = get_state_dict(model, opt)
+        sd = {"model": msd, "optim": osd}
+        dcp.load(sd, checkpoint_id=src)
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        full = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                   cpu_offload=True))
+        if rank == 0:
+            torch.save({"model": full[0], "optim": full[1],
+                        "lrs": [g["lr"] for g in opt.param_groups]}, out)
+    finally:
+        dist.destroy_process_group()
+
 
 def worker(rank, world, port, out):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -36,10 +73,24 @@ def worker(rank, world, port, out):
     finally:
         dist.destroy_process_group()
 
-if __name__ == "__main__":
+def _free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    mp.spawn(worker, args=(2, port, sys.argv[1]), nprocs=2, join=True)
+    return port
+
+
+if __name__ == "__main__":
+    for attempt in range(3):  # another process may take the free port before the ranks bind it
+        try:
+            if sys.argv[1] == "--load":
+                mp.spawn(loader, args=(2, _free_port(), sys.argv[2], sys.argv[3]), nprocs=2,
+                         join=True)
+            else:
+                mp.spawn(worker, args=(2, _free_port(), sys.argv[1]), nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException:
+            if attempt == 2:
+                raise
     print("ok")

@@ -64,12 +64,8 @@ def test_show_a_dcp_folder(dcp_dir: Path) -> None:
     assert not any(c["level"] == "unsafe" for c in doc["safety"]["calls"])
 
 
-def test_check_and_edit_a_dcp_folder(dcp_dir: Path) -> None:
+def test_check_a_dcp_folder(dcp_dir: Path) -> None:
     assert run("check", dcp_dir).stdout == "no findings\ncheck ok: 0 fail, 0 warn, 0 info\n"
-    r = run("set-lr", dcp_dir, "0.1", code=1)
-    assert r.stderr == (f"Error: {dcp_dir}: editing a torch.distributed.checkpoint folder is not "
-                        "supported yet; ckpttool show and check read it; to edit, load it with "
-                        "torch.distributed.checkpoint.format_utils.dcp_to_torch_save\n")
 
 
 def test_hostile_metadata(dcp_dir: Path, tmp_path: Path) -> None:
@@ -230,3 +226,280 @@ def test_fsdp2_dtensor_file(tmp_path: Path) -> None:
         "the DeviceMesh name a device too); moving sharded state is not supported yet; move it "
         "with torch after loading on the target mesh, or save a full state dict "
         "(full_state_dict=True) and move that\n")
+
+
+# ------------------------------------------------------------------------- editing DCP folders
+
+def _sched_model() -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-3},
+                             {"params": model[2].parameters(), "lr": 1e-4}])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    return model, opt, sched
+
+
+@pytest.fixture(scope="module")
+def dcp_sched_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two param groups, a StepLR, three steps; saved by dcp.save from get_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    model, opt, sched = _sched_model()
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        sched.step()
+    msd, osd = get_state_dict(model, opt)
+    out = tmp_path_factory.mktemp("dcps") / "ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optim": osd, "sched": sched.state_dict(), "step": 3},
+                 checkpoint_id=str(out))
+    return out
+
+
+def _resume(folder: Path) -> tuple[dict[str, Any], list[float]]:
+    """Resume from ``folder`` the way a training script does (dcp.load into the
+    get_state_dict layout, set_state_dict, the scheduler's load_state_dict), take one step;
+    return the loaded state dict and the lr each group used in that step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model, opt, sched = _sched_model()
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()  # state to load into
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd, "sched": sched.state_dict(), "step": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(folder))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    sched.load_state_dict(sd["sched"])
+    used = [g["lr"] for g in opt.param_groups]
+    import copy
+    sd = copy.deepcopy(sd)  # as loaded (the step below changes the live tensors)
+    opt.zero_grad()
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return sd, used
+
+
+def _same_tensors(a: Any, b: Any) -> None:
+    if isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            _same_tensors(a[k], b[k])
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_set_lr_on_a_dcp_folder_resumes(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """set-lr rewrites only the param-group and scheduler values: a new data file, then a new
+    .metadata; the tensors' data file is untouched; dcp.load + set_state_dict resumes with the
+    new lr and every tensor as it was."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp_sched_dir, folder)
+    data = (folder / "__0_0.distcp").read_bytes()
+    before, used_before = _resume(folder)
+    assert used_before == [5e-4, 5e-5]  # StepLR halved both after two steps
+    r = run("set-lr", folder, "1e-3", "--keep-ratios")
+    assert r.stdout == (
+        "set-lr: largest lr 0.001, ratios kept in optimizer /optim (groups 0, 1 x2); scheduler "
+        "/sched (StepLR) scaled to match; 8 values changed; wrote "
+        f"{folder} (.metadata replaced; 6 values written to __ckpttool_0.distcp)\n")
+    assert _listing(folder) == [".metadata", "__0_0.distcp", "__ckpttool_0.distcp"]
+    assert (folder / "__0_0.distcp").read_bytes() == data
+    after, used = _resume(folder)
+    assert used == [1e-3, 1e-4]
+    assert after["sched"]["base_lrs"] == [2e-3, 2e-4]
+    assert after["optim"]["param_groups"][0]["initial_lr"] == 2e-3
+    _same_tensors(before["model"], after["model"])
+    _same_tensors(before["optim"]["state"], after["optim"]["state"])
+    assert after["step"] == 3
+    # a second edit of the same values leaves the first edit's data file unused: removed
+    r = run("set", folder, "weight_decay=0.05")
+    assert r.stdout.endswith(f"wrote {folder} (.metadata replaced; 2 values written to "
+                             "__ckpttool_1.distcp)\n")
+    r = run("set-lr", folder, "3e-4", "--same")
+    assert r.stdout.endswith(
+        f"wrote {folder} (.metadata replaced; 6 values written to __ckpttool_2.distcp; "
+        "__ckpttool_0.distcp no longer used and removed)\n")
+    assert _listing(folder) == [".metadata", "__0_0.distcp", "__ckpttool_1.distcp",
+                                "__ckpttool_2.distcp"]
+    after, used = _resume(folder)
+    assert used == [3e-4, 3e-4]
+    assert [g["weight_decay"] for g in after["optim"]["param_groups"]] == [0.05, 0.05]
+    _same_tensors(before["model"], after["model"])
+    doc = json.loads(run("show", "--json", folder).stdout)
+    assert [g["hyperparameters"]["lr"] for g in doc["optimizers"][0]["param_groups"]] == [
+        3e-4, 3e-4]
+    assert run("check", folder).stdout == "no findings\ncheck ok: 0 fail, 0 warn, 0 info\n"
+
+
+def test_dcp_output_folder_and_refusals(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """-o writes a whole new folder and leaves the source as it was; move says why there is
+    nothing to move; convert is refused with what to do instead."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(dcp_sched_dir, src)
+    snapshot = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "out"
+    r = run("set-lr", src, "2e-3", "--keep-ratios", "-o", out)
+    assert r.stdout.endswith(f"wrote {out} (.metadata replaced; 6 values written to "
+                             "__ckpttool_0.distcp; 1 file copied as they were)\n")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == snapshot
+    assert _listing(out) == [".metadata", "__0_0.distcp", "__ckpttool_0.distcp"]
+    assert _resume(out)[1] == [2e-3, 2e-4]
+    r = run("move", src, "cuda:0", "-o", tmp_path / "moved")
+    assert r.stdout == (
+        "move: a DCP folder stores its 16 tensors without a device (dcp.load puts each one on "
+        f"the device of the state dict it loads into); no changes; {tmp_path / 'moved'} is a "
+        "copy\n")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "moved").iterdir()} == snapshot
+    r = run("convert", src, "--to", "sgd", code=1)
+    assert r.stderr == (
+        f"Error: {src}: convert makes and reshapes state tensors, and a DCP folder's tensors are "
+        "chunks spread over its ranks' files: convert is not done in place on DCP folders; "
+        "`ckpttool to-file` it, convert the file, and `ckpttool to-dcp` the result\n")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == snapshot
+
+
+def test_dcp_edit_crash_before_commit(dcp_sched_dir: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure at the commit (the rename of the new .metadata) leaves the folder exactly as
+    it was: the new data file is removed again and the old .metadata still loads."""
+    import os
+    import shutil
+
+    import ckpttool.dcp_save as dcp_save
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp_sched_dir, folder)
+    snapshot = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def no_rename(a: str, b: str) -> None:
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(dcp_save.os, "replace", no_rename)
+    r = run("set-lr", folder, "1e-2", "--same", code=5)
+    assert r.stderr == (f"Error: {folder}: could not write the folder (No space left on "
+                        "device); the checkpoint is unchanged\n")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == snapshot
+    monkeypatch.setattr(dcp_save.os, "replace", os.replace)
+    assert _resume(folder)[1] == [5e-4, 5e-5]
+
+
+def test_merge_groups_on_a_dcp_folder(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """merge-groups only changes non-tensor values (the groups' lists and hyperparameters):
+    group 1's keys leave .metadata and the merged folder resumes into a one-group optimizer."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp_sched_dir, folder)
+    r = run("merge-groups", folder, "--set", "lr=1e-4", "--no-scheduler")
+    assert r.stdout == (
+        "merge-groups: groups 0, 1 of optimizer /optim merged into group 0 (4 params, in model "
+        f"order); wrote {folder} (.metadata replaced; 3 values written to __ckpttool_0.distcp; "
+        "13 keys removed)\n")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    model(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    sd = {"model": msd, "optim": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(folder))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    assert [g["lr"] for g in opt.param_groups] == [1e-4]
+    assert opt.state[model[2].weight]["step"].item() == 3.0
+
+
+def test_two_rank_folder_edit_loads_on_two_ranks(dcp2_dir: Path, tmp_path: Path) -> None:
+    """set-lr on the FSDP2 folder; dcp.load on two ranks (gloo) resumes with the new lr and
+    every gathered tensor equal to the unedited folder's."""
+    import shutil
+    import subprocess
+    import sys
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp2_dir, folder)
+    run("set-lr", folder, "2e-4")
+    make = str(Path(__file__).with_name("make_dcp2.py"))
+    for src, out in ((dcp2_dir, tmp_path / "before.pt"), (folder, tmp_path / "after.pt")):
+        subprocess.run([sys.executable, make, "--load", str(src), str(out)], check=True,
+                       capture_output=True)
+    before, after = torch.load(tmp_path / "before.pt"), torch.load(tmp_path / "after.pt")
+    assert (before["lrs"], after["lrs"]) == ([1e-3], [2e-4])
+    _same_tensors(before["model"], after["model"])
+    _same_tensors(before["optim"]["state"], after["optim"]["state"])
+    assert after["optim"]["param_groups"][0]["lr"] == 2e-4
+
+
+def test_edits_on_name_keyed_files(tmp_path: Path) -> None:
+    """set-lr, set, move, merge-groups and convert on get_state_dict's name-keyed layout;
+    each result resumes through set_state_dict into the optimizer the edit asked for."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    path = tmp_path / "sd.pt"
+    torch.save(_state_dicts(False), path)
+
+    def resume(file: Path, make: Any) -> tuple[torch.optim.Optimizer, nn.Module]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        opt = make(model)
+        sd = torch.load(file, map_location="cpu")
+        set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        opt.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        return opt, model
+
+    def two_groups(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.AdamW([{"params": model[0].parameters()},
+                                  {"params": model[2].parameters()}])
+
+    out = tmp_path / "lr.pt"
+    run("set-lr", path, "1e-2", "--same", "-o", out)
+    opt, model = resume(out, two_groups)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-2]
+    assert opt.state[model[0].weight]["step"].item() == 2.0
+    out = tmp_path / "wd.pt"
+    run("set", path, "weight_decay=0.1", "--group", "1", "-o", out)
+    opt, _ = resume(out, two_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.1]
+    out = tmp_path / "cuda.pt"
+    run("move", path, "cuda:1", "-o", out)
+    assert _locations(out) == {"cuda:1", "cpu"}  # steps stay on the cpu
+    out = tmp_path / "merged.pt"
+    run("merge-groups", path, "--set", "lr=1e-3", "-o", out)
+    opt, model = resume(out, lambda m: torch.optim.AdamW(m.parameters()))
+    assert [g["lr"] for g in opt.param_groups] == [1e-3]
+    assert opt.state[model[2].bias]["step"].item() == 2.0
+    out = tmp_path / "sgd.pt"
+    run("convert", path, "--to", "sgd", "--set", "momentum=0.9", "-o", out)
+    sd = torch.load(out)
+    assert sorted(sd["optim"]["state"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    assert torch.equal(sd["optim"]["state"]["0.weight"]["momentum_buffer"],
+                       torch.load(path)["optim"]["state"]["0.weight"]["exp_avg"])
+    opt, model = resume(out, lambda m: torch.optim.SGD([{"params": m[0].parameters()},
+                                                        {"params": m[2].parameters()}],
+                                                       lr=0.1, momentum=0.9))
+    assert type(opt).__name__ == "SGD" and [g["lr"] for g in opt.param_groups] == [1e-3, 1e-4]
+
+
+def _locations(path: Path) -> set[str]:
+    """The device every storage of a file is saved on (read by torch.load's map_location
+    hook, so no GPU is needed)."""
+    seen: set[str] = set()
+
+    def loc(storage: Any, location: str) -> Any:
+        seen.add(location)
+        return storage
+    torch.load(path, map_location=loc)
+    return seen

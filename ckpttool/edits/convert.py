@@ -375,6 +375,12 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
     if moments not in ("carry", "zero"):
         raise EditError(f"moments must be carry or zero, not {moments!r}")
     target = _resolve_name(to)
+    if ckpt.kind == "dcp":
+        raise EditError("convert makes and reshapes state tensors, and a DCP folder's tensors "
+                        "are chunks spread over its ranks' files: convert is not done in place "
+                        "on DCP folders", path=ckpt.path,
+                        hint="`ckpttool to-file` it, convert the file, and `ckpttool to-dcp` the "
+                             "result")
     opt = ckpt.optimizer(optimizer)
     where = f"optimizer {opt.pointer or '(root)'}"
     if opt.type == knowledge.UNKNOWN or opt.type in NOT_TARGETS:

@@ -14,6 +14,7 @@ import re
 from ..checkpoint import Checkpoint
 from ..errors import EditError
 from ..formats.nodes import TensorRef
+from ..formats.safetensors import SafeTensor
 from ..tree import opaque_top, storages, walk_all
 from . import Plan, TreeEditor
 
@@ -48,6 +49,12 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> Plan:
                             hint="move it with torch after loading on the target mesh, or "
                                  "save a full state dict (full_state_dict=True) and move that")
     ed = TreeEditor(ckpt, "move")
+    if ckpt.kind == "dcp":
+        n = sum(1 for _, o, _ in walk_all(ckpt.resolve(pointer), pointer)
+                if isinstance(o, SafeTensor))
+        return ed.finish(f"move: a DCP folder stores its {n} tensors without a device "
+                         "(dcp.load puts each one on the device of the state dict it loads "
+                         "into); no changes")
     cpu_steps: set[int] = set()
     for opt in ckpt.optimizers:
         for s in opt.state:
