@@ -338,6 +338,62 @@ def convert(path: str, target: str, sets: tuple[str, ...], moments: str, step: i
     _run(go, path)
 
 
+@cli.command("to-file")
+@click.argument("folder", type=click.Path(readable=False))
+@click.argument("output", type=click.Path(readable=False))
+@click.option("--keep-names", is_flag=True,
+              help="Keep name-keyed optimizer state keyed by name (default: by id, with "
+                   "param_names, for Optimizer.load_state_dict).")
+@click.option("--force", is_flag=True, help="Overwrite an existing OUTPUT.")
+def to_file_cmd(folder: str, output: str, keep_names: bool, force: bool) -> None:
+    """Write a torch.distributed.checkpoint folder as one torch.save file, one tensor at a
+    time.
+
+    Example: ckpttool to-file checkpoint/step-100 step-100.pt
+    """
+    from .dcp_convert import to_file
+
+    def go() -> None:
+        progress = _Progress()
+        try:
+            r = to_file(folder, output, force=force, keep_names=keep_names, progress=progress)
+        finally:
+            progress.close()
+        keyed = f"; optimizer {', '.join(r.optimizers)} keyed by id (names in param_names)" \
+            if r.optimizers else ""
+        click.echo(f"to-file: {r.tensors} tensors gathered from {folder}, {r.values} other "
+                   f"values kept{keyed}; wrote {output} ({r.size} bytes)")
+    _run(go, folder)
+
+
+@cli.command("to-dcp")
+@click.argument("path", type=click.Path(readable=False))
+@click.argument("output", type=click.Path(readable=False))
+@click.option("--model-order", type=click.Path(exists=True, dir_okay=False),
+              help="A text file: the parameter names in the optimizer's param order, one per "
+                   "line (when the checkpoint does not tell them).")
+@click.option("--force", is_flag=True, help="Replace an existing OUTPUT folder.")
+def to_dcp_cmd(path: str, output: str, model_order: str | None, force: bool) -> None:
+    """Write a torch.save checkpoint file as a torch.distributed.checkpoint folder (one
+    rank), optimizer state keyed by parameter name as get_state_dict keys it.
+
+    Example: ckpttool to-dcp ckpt.pt checkpoint/step-100
+    """
+    from .dcp_convert import to_dcp
+
+    def go() -> None:
+        order = None
+        if model_order is not None:
+            with open(model_order, encoding="utf-8") as fh:
+                order = [ln.strip() for ln in fh if ln.strip()]
+        r = to_dcp(path, output, force=force, model_order=order)
+        keyed = f"; optimizer {', '.join(r.optimizers)} keyed by parameter name" \
+            if r.optimizers else ""
+        click.echo(f"to-dcp: {r.tensors} tensors and {r.values} other values written{keyed}; "
+                   f"wrote {output} (.metadata and __0_0.distcp, {r.size} bytes)")
+    _run(go, path)
+
+
 def main() -> None:
     cli()
 

@@ -64,7 +64,8 @@ def changed_values(f: CheckpointFile, new_root: Any) -> tuple[list[tuple[str, tu
     Raises :class:`CkptError` for changes DCP values cannot take here (a tensor, a new
     nested container)."""
     meta = fields(f.extra["dcp_meta"])
-    planner = meta.get("planner_data") if isinstance(meta.get("planner_data"), dict) else {}
+    planner: dict[Any, Any] = meta["planner_data"] \
+        if isinstance(meta.get("planner_data"), dict) else {}
     sdm = meta["state_dict_metadata"]
     paths: dict[tuple[Any, ...], str] = {}
     for fqn in sdm:
@@ -139,7 +140,8 @@ def new_metadata(meta_node: Reduce, moved: dict[str, tuple[str, int, int]],
     at (file, offset, length), added keys declared, removed keys gone."""
     m = fields(meta_node)
     sdm, storage = m["state_dict_metadata"], m["storage_data"]
-    planner = m.get("planner_data") if isinstance(m.get("planner_data"), dict) else {}
+    planner: dict[Any, Any] = m["planner_data"] if isinstance(m.get("planner_data"), dict) \
+        else {}
     gone = set(removed)
     bytes_md = next((v for v in sdm.values()
                      if isinstance(v, Reduce) and v.qualname.endswith(".BytesStorageMetadata")),
@@ -180,8 +182,12 @@ def new_metadata(meta_node: Reduce, moved: dict[str, tuple[str, int, int]],
 
 
 def _referenced(meta_node: Reduce) -> set[str]:
-    return {fields(info).get("relative_path") for info in
-            fields(meta_node).get("storage_data", {}).values()} - {None}
+    out = set()
+    for info in fields(meta_node).get("storage_data", {}).values():
+        name = fields(info).get("relative_path")
+        if isinstance(name, str):
+            out.add(name)
+    return out
 
 
 def _fsync_write(path: str, data: bytes) -> None:
@@ -245,7 +251,7 @@ def commit(folder: str, f: CheckpointFile, new_root: Any, *, backup: bool = Fals
             os.close(tfd)
         if tmp:
             os.unlink(tmp)
-        if wrote_data:  # not referenced by anything: the old .metadata is in place
+        if wrote_data and data_name is not None:  # unreferenced: the old .metadata is in place
             try:
                 os.unlink(os.path.join(folder, data_name))
             except OSError:
@@ -300,14 +306,9 @@ def save_dcp(ckpt: Checkpoint, output: str | None, *, force: bool = False,
         data, values, dropped = commit(ckpt.path, f, new_root, backup=backup)
         return ckpt.path, values, [], dropped, data
     from .save import copy_folder
-    copied: list[str] = []
-    values: list[str] = []
-    dropped = []
-    data = None
-
-    def fill(tmp: str) -> None:
-        nonlocal values, dropped, data
-        data, values, dropped = commit(tmp, f, new_root)
-    copied = copy_folder(ckpt.path, output, force, fill)
+    done: list[tuple[str | None, list[str], list[str]]] = []
+    copied = copy_folder(ckpt.path, output, force,
+                         lambda tmp: done.append(commit(tmp, f, new_root)))
+    data, values, dropped = done[0]
     copied = [c for c in copied if c not in dropped and c != ".metadata"]
     return output, values, copied, dropped, data

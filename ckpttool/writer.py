@@ -135,6 +135,69 @@ def _check_target(source_path: str, out_path: str | None,
     return target, is_source, st
 
 
+def _fresh_records(data_pkl: bytes, data: list[tuple[str, Payload]]
+                   ) -> list[tuple[str, Payload]]:
+    """The records of a new torch.save archive, in torch.save's order."""
+    serial = "".join(str(b % 10) for b in os.urandom(40))
+    return [("data.pkl", Payload.from_bytes(data_pkl)),
+            (".format_version", Payload.from_bytes(b"1")),
+            (".storage_alignment", Payload.from_bytes(b"64")),
+            ("byteorder", Payload.from_bytes(b"little")),
+            *data,
+            ("version", Payload.from_bytes(b"3\n")),
+            (".data/serialization_id", Payload.from_bytes(serial.encode()))]
+
+
+def write_new(root: Any, out_path: str, *, force: bool = False,
+              progress: Progress | None = None) -> WriteResult:
+    """Write a tree whose every storage is new (has a ``content``) as a torch.save zip file
+    ``out_path``, crash-safely (temp file, verified, renamed into place)."""
+    target = os.path.realpath(out_path)
+    if os.path.isdir(target):
+        raise CkptError("is a folder; give a file name to write to", path=out_path)
+    if os.path.lexists(target) and not force:
+        raise CkptError("already exists", path=out_path, hint="use --force to overwrite it")
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise CkptError(f"the folder {directory} does not exist", path=out_path)
+    order: list[Storage] = []
+    data_pkl = dumps(root, protocol=2, storage_pid=zip_pid_renumbering(), storage_order=order)
+    data = []
+    for i, st in enumerate(order):
+        if st.content is None:
+            raise CkptError(f"storage {st.key} has no content to write", path=out_path)
+        p = Payload.from_chunks(st.content.nbytes, st.content.chunks())
+        p.src_name = f"new storage ({st.content.describe()})"
+        data.append((f"data/{i}", p))
+    tmp: str | None = None
+    try:
+        tfd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
+                                    suffix=TMP_SUFFIX, dir=directory)
+        try:
+            prefix = os.path.splitext(os.path.basename(target))[0] or "archive"
+            written = write_archive(tfd, prefix, _fresh_records(data_pkl, data),
+                                    progress=progress)
+            os.fchmod(tfd, 0o666 & ~_umask())
+            os.fsync(tfd)
+        finally:
+            os.close(tfd)
+        _verify(tmp, written, data_pkl)
+        os.replace(tmp, target)
+        tmp = None
+        fsync_dir(directory)
+        size = os.stat(target).st_size
+    except OSError as e:
+        raise WriteError(f"could not write the checkpoint ({e.strerror or e}); nothing was "
+                         "written", path=out_path, hint=_write_hint(e)) from e
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    return WriteResult(target, "torch-zip", size, None, None, False, written)
+
+
 def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: list[Storage],
                     new_records: dict[Any, Any] | None) -> tuple[list[tuple[str, Payload]], int]:
     """The archive's records in torch's order, and the storage alignment."""
@@ -169,15 +232,7 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
         if isinstance(info, dict) and info.get("little_endian") is False:
             raise CkptError(f"a big-endian legacy checkpoint; converting it is "
                             "not supported", path=source.path)
-        serial = "".join(str(b % 10) for b in os.urandom(40))
-        return ([("data.pkl", Payload.from_bytes(data_pkl)),
-                 (".format_version", Payload.from_bytes(b"1")),
-                 (".storage_alignment", Payload.from_bytes(b"64")),
-                 ("byteorder", Payload.from_bytes(b"little")),
-                 *data,
-                 ("version", Payload.from_bytes(b"3\n")),
-                 (".data/serialization_id", Payload.from_bytes(serial.encode()))],
-                DEFAULT_ALIGNMENT)
+        return _fresh_records(data_pkl, data), DEFAULT_ALIGNMENT
 
     assert source.archive is not None
     alignment = DEFAULT_ALIGNMENT

@@ -1,7 +1,7 @@
 """A real two-rank DCP checkpoint: two processes (gloo on localhost), an MLP sharded with FSDP2
 ``fully_shard`` on a CPU mesh, AdamW stepped twice, saved by ``dcp.save`` from
 ``get_state_dict`` (optimizer state keyed by parameter name, every tensor a DTensor sharded on
-dim 0 across both ranks).
+dim 0 across both ranks), plus ``extra.col``: a 4x6 DTensor sharded on dim 1.
 
     python tests/make_dcp2.py OUTDIR              (~8 s)
     python tests/make_dcp2.py --load DIR OUT.pt   resume from DIR on two ranks (dcp.load into
@@ -69,7 +69,10 @@ def worker(rank, world, port, out):
             model(torch.ones(3, 4)).sum().backward()
             opt.step()
         msd, osd = get_state_dict(model, opt)
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=out)
+        # and a tensor sharded on dim 1 (column chunks, not rows)
+        from torch.distributed.tensor import Shard, distribute_tensor
+        col = distribute_tensor(torch.arange(24.0).reshape(4, 6), mesh, [Shard(1)])
+        dcp.save({"model": msd, "optim": osd, "extra": {"col": col}}, checkpoint_id=out)
     finally:
         dist.destroy_process_group()
 

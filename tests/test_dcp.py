@@ -96,6 +96,18 @@ def dcp2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def dcp2_loaded(dcp2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """What torch itself loads from the unedited two-rank folder on two ranks (make_dcp2.py
+    --load: dcp.load + set_state_dict, then the full state gathered on rank 0)."""
+    import subprocess
+    import sys
+    out = tmp_path_factory.mktemp("dcp2load") / "full.pt"
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_dcp2.py")), "--load",
+                    str(dcp2_dir), str(out)], check=True, capture_output=True)
+    return torch.load(out)
+
+
 def test_two_rank_fsdp2_folder(dcp2_dir: Path) -> None:
     """Every tensor's global shape, dtype and chunks (offsets, sizes, file) are what torch's
     own metadata reader says; the state is found by name; check passes."""
@@ -110,7 +122,7 @@ def test_two_rank_fsdp2_folder(dcp2_dir: Path) -> None:
                                  meta.storage_data[_index(meta, fqn, c.offsets)].relative_path)
                                 for c in md.chunks))
     doc = json.loads(run("show", "--json", dcp2_dir).stdout)
-    assert [m["pointer"] for m in doc["models"]] == ["/model"]
+    assert [m["pointer"] for m in doc["models"]] == ["/model", "/extra"]
     got = {}
     ckpt = ckpttool.open(dcp2_dir)
     for ptr, t in _tensors(ckpt.root):
@@ -285,11 +297,11 @@ def _resume(folder: Path) -> tuple[dict[str, Any], list[float]]:
     return sd, used
 
 
-def _same_tensors(a: Any, b: Any) -> None:
+def _same_tensors(a: Any, b: Any, ordered: bool = True) -> None:
     if isinstance(a, dict):
-        assert list(a) == list(b)
+        assert list(a) == list(b) if ordered else sorted(a) == sorted(b)
         for k in a:
-            _same_tensors(a[k], b[k])
+            _same_tensors(a[k], b[k], ordered)
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b)
 
@@ -422,7 +434,8 @@ def test_merge_groups_on_a_dcp_folder(dcp_sched_dir: Path, tmp_path: Path) -> No
     assert opt.state[model[2].weight]["step"].item() == 3.0
 
 
-def test_two_rank_folder_edit_loads_on_two_ranks(dcp2_dir: Path, tmp_path: Path) -> None:
+def test_two_rank_folder_edit_loads_on_two_ranks(dcp2_dir: Path, dcp2_loaded: dict[str, Any],
+                                                 tmp_path: Path) -> None:
     """set-lr on the FSDP2 folder; dcp.load on two ranks (gloo) resumes with the new lr and
     every gathered tensor equal to the unedited folder's."""
     import shutil
@@ -431,11 +444,9 @@ def test_two_rank_folder_edit_loads_on_two_ranks(dcp2_dir: Path, tmp_path: Path)
     folder = tmp_path / "ckpt"
     shutil.copytree(dcp2_dir, folder)
     run("set-lr", folder, "2e-4")
-    make = str(Path(__file__).with_name("make_dcp2.py"))
-    for src, out in ((dcp2_dir, tmp_path / "before.pt"), (folder, tmp_path / "after.pt")):
-        subprocess.run([sys.executable, make, "--load", str(src), str(out)], check=True,
-                       capture_output=True)
-    before, after = torch.load(tmp_path / "before.pt"), torch.load(tmp_path / "after.pt")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("make_dcp2.py")), "--load",
+                    str(folder), str(tmp_path / "after.pt")], check=True, capture_output=True)
+    before, after = dcp2_loaded, torch.load(tmp_path / "after.pt")
     assert (before["lrs"], after["lrs"]) == ([1e-3], [2e-4])
     _same_tensors(before["model"], after["model"])
     _same_tensors(before["optim"]["state"], after["optim"]["state"])
@@ -503,3 +514,145 @@ def _locations(path: Path) -> set[str]:
         return storage
     torch.load(path, map_location=loc)
     return seen
+
+
+# ------------------------------------------------------------------ to-file and to-dcp
+
+def test_to_file_of_a_two_rank_folder(dcp2_dir: Path, dcp2_loaded: dict[str, Any],
+                                      tmp_path: Path) -> None:
+    """to-file gathers every tensor from both ranks' chunks (rows and columns) into one file
+    that torch.load(weights_only=True) loads, equal to what torch itself gathers on two ranks,
+    and that resumes a one-process run through Optimizer.load_state_dict."""
+    import subprocess
+    import sys
+    out = tmp_path / "full.pt"
+    r = run("to-file", dcp2_dir, out)
+    assert r.stdout == (f"to-file: 17 tensors gathered from {dcp2_dir}, 12 other values kept; "
+                        "optimizer /optim keyed by id (names in param_names); wrote "
+                        f"{out} ({out.stat().st_size} bytes)\n")
+    sd = torch.load(out, weights_only=True)
+    ref = dcp2_loaded
+    _same_tensors(ref["model"], sd["model"])
+    names = sd["optim"]["param_groups"][0]["param_names"]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert sd["optim"]["param_groups"][0]["params"] == [0, 1, 2, 3]
+    for i, name in enumerate(names):  # torch's gathered state orders a param's entries otherwise
+        _same_tensors(ref["optim"]["state"][name], sd["optim"]["state"][i], ordered=False)
+    assert torch.equal(sd["extra"]["col"], torch.arange(24.0).reshape(4, 6))
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    model.load_state_dict(sd["model"])
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    opt.load_state_dict(sd["optim"])
+    model(torch.ones(3, 4)).sum().backward()
+    opt.step()
+    assert opt.param_groups[0]["lr"] == 1e-3
+    assert opt.state[model[0].weight]["step"].item() == 3.0
+
+
+def test_to_file_and_back_to_dcp(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """DCP -> file -> DCP: the file resumes with torch.load + load_state_dict, equals
+    torch's own dcp_to_torch_save tensor for tensor, and the folder made from it resumes
+    through dcp.load exactly like the original folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    f = tmp_path / "one.pt"
+    run("to-file", dcp_sched_dir, f)
+    sd = torch.load(f, weights_only=True)
+    ref = tmp_path / "ref.pt"
+    dcp_to_torch_save(str(dcp_sched_dir), str(ref))
+    want = torch.load(ref, weights_only=True)
+    _same_tensors(want["model"], sd["model"])
+    order = [n for g in want["optim"]["param_groups"] for n in g["params"]]
+    for i, name in enumerate(order):  # format_utils orders a param's entries otherwise
+        _same_tensors(want["optim"]["state"][name], sd["optim"]["state"][i], ordered=False)
+    model, opt, sched = _sched_model()
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+    sched.load_state_dict(sd["sched"])
+    assert [g["lr"] for g in opt.param_groups] == [5e-4, 5e-5]
+    back = tmp_path / "back"
+    r = run("to-dcp", f, back)
+    assert r.stdout == (
+        "to-dcp: 16 tensors and 35 other values written; optimizer /optim keyed by parameter "
+        f"name; wrote {back} (.metadata and __0_0.distcp, "
+        f"{sum(p.stat().st_size for p in back.iterdir())} bytes)\n")
+    original, used = _resume(dcp_sched_dir)
+    again, used_again = _resume(back)
+    assert used_again == used
+    _same_tensors(original["model"], again["model"])
+    _same_tensors(original["optim"]["state"], again["optim"]["state"])
+    assert again["sched"] == original["sched"] and again["step"] == 3
+
+
+def test_to_dcp_names_from_the_model_or_a_list(tmp_path: Path) -> None:
+    """A classic id-keyed checkpoint: names from aligning the model state; an optimizer-only
+    file needs --model-order, and says so."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model, opt, _ = _sched_model()
+    train_steps_here(model, opt)
+    path = tmp_path / "classic.pt"
+    torch.save({"epoch": 3, "model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+    out = tmp_path / "dcp"
+    run("to-dcp", path, out)
+    m2, o2, _ = _sched_model()
+    train_steps_here(m2, o2, 1)
+    msd, osd = get_state_dict(m2, o2)
+    sd = {"epoch": 0, "model": msd, "optimizer": osd}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(out))
+    set_state_dict(m2, o2, model_state_dict=sd["model"], optim_state_dict=sd["optimizer"])
+    assert sd["epoch"] == 3
+    for p, q in zip(model.parameters(), m2.parameters()):
+        assert torch.equal(p, q)
+        _same_tensors(opt.state[p], o2.state[q])
+    only = tmp_path / "optim_only.pt"
+    torch.save(opt.state_dict(), only)
+    r = run("to-dcp", only, tmp_path / "o", code=1)
+    assert r.stderr == (
+        f"Error: {only}: the parameter names of optimizer / are not known (no param_names "
+        "stored and no model state in the checkpoint); a DCP checkpoint keys optimizer state by name; "
+        "pass --model-order FILE: the names in the optimizer's param order, one per line (e.g. "
+        "from [n for n, _ in model.named_parameters()])\n")
+    order = tmp_path / "names.txt"
+    order.write_text("\n".join(n for n, _ in model.named_parameters()) + "\n")
+    run("to-dcp", only, tmp_path / "o", "--model-order", order)
+    doc = json.loads(run("show", "--json", tmp_path / "o").stdout)
+    assert [s["name"] for s in doc["optimizers"][0]["state"]] == [
+        "0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def train_steps_here(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 2) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+
+
+def test_to_file_refuses_hostile_chunks(dcp_dir: Path, tmp_path: Path) -> None:
+    """A chunk archive whose pickle would run code: judged before anything is written."""
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(dcp_dir, bad)
+    data = bytearray((bad / "__0_0.distcp").read_bytes())
+    # the first tensor chunk's data.pkl: replaced by a same-length pickle calling os.system
+    ckpt = ckpttool.open(bad)
+    t = ckpt.resolve("/model/0.weight")
+    _, _, file, off, length = t.chunks[0]
+    import zipfile
+    import io
+    z = zipfile.ZipFile(io.BytesIO(bytes(data[off:off + length])))
+    info = z.getinfo("archive/data.pkl")
+    local = off + info.header_offset
+    start = local + 30 + int.from_bytes(data[local + 26:local + 28], "little") \
+        + int.from_bytes(data[local + 28:local + 30], "little")
+    evil = b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00trueR."
+    evil += b"." * (info.file_size - len(evil))  # padding after STOP: never read
+    data[start:start + info.file_size] = evil
+    (bad / "__0_0.distcp").write_bytes(bytes(data))
+    out = tmp_path / "out.pt"
+    r = run("to-file", bad, out, code=4)
+    assert r.stderr.startswith(f"Error: {bad}: refusing to convert: the chunk of "
+                               "model.0.weight in __0_0.distcp: UNSAFE: loading it would run "
+                               "posix.system")
+    assert not out.exists()
