@@ -533,10 +533,12 @@ def check_deep(ctx: Context) -> Iterator[Finding]:
     scan = ctx.deep_scan or DeepScan(ctx)
     for f, rec, info, (crc, bad, neg, nonzero) in scan.results():
         if getattr(rec, "crc", 0) and crc != rec.crc:
-            yield Finding("crc", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
-                          f"record {rec.name} of {f.path} fails its CRC check: its bytes "
-                          "changed after the save (torch.load does not check)",
-                          "restore the file from another copy")
+            dcp = ctx.ckpt.kind == "dcp"  # a record of an archive inside a data file
+            yield Finding("crc", FAIL, info[0] if dcp and info else
+                          join("", f.name) if ctx.ckpt.is_folder else "",
+                          f"record {rec.name}{f' (at byte {rec.data_offset})' if dcp else ''} "
+                          f"of {f.path} fails its CRC check: its bytes changed after the save "
+                          "(torch.load does not check)", "restore the file from another copy")
         if info is None:
             continue
         ptr = info[0]
@@ -571,6 +573,9 @@ class DeepScan:
         self._fds: list[int] = []
         self._jobs: list[tuple[Any, Any, tuple[str, str] | None,
                                Future[tuple[int, int, int, int]]]] = []
+        if ctx.ckpt.kind == "dcp":
+            self._dcp(ctx)
+            return
         for f in ctx.ckpt.files:
             if f.archive is not None:
                 records = [r for r in f.archive.records.values() if r.method == 0]
@@ -587,6 +592,52 @@ class DeepScan:
                 job = self._pool.submit(self._scan, fd, rec.data_offset, rec.size,
                                         info[1] if info else None, second)
                 self._jobs.append((f, rec, info, job))
+
+    def _dcp(self, ctx: Context) -> None:
+        """A DCP folder: every entry of .metadata is a small torch.save archive inside a data
+        file; each archive's records are read (CRCs), the chunks of params and optimizer
+        state checked for values too."""
+        from .checkpoint import _read_zip
+        from .formats.nodes import fields
+        from .tree import tensors
+        f = ctx.ckpt.files[0]
+        meta = f.extra.get("dcp_meta")
+        if meta is None:
+            return
+        watched: dict[tuple[str, int], tuple[str, str]] = {}
+        roots = [(o.pointer, ctx.ckpt.resolve(o.pointer)) for o in ctx.ckpt.optimizers] + \
+            [(m.pointer, ctx.ckpt.resolve(m.pointer)) for m in ctx.ckpt.models]
+        for base, root in roots:
+            for ptr, t, _ in tensors(root, base):
+                if isinstance(t, SafeTensor) and t.dtype in ("float32", "float64", "float16",
+                                                             "bfloat16"):
+                    for *_, file, off, _ in t.chunks or ():
+                        watched.setdefault((file, off), (ptr, t.dtype))
+        fds: dict[str, int] = {}
+        for info in fields(meta).get("storage_data", {}).values():
+            i = fields(info)
+            file, off, length = i.get("relative_path"), i.get("offset"), i.get("length")
+            if not isinstance(file, str) or type(off) is not int or type(length) is not int:
+                continue
+            fp = os.path.join(ctx.ckpt.path, file)
+            if file not in fds:
+                try:
+                    fds[file] = os.open(fp, os.O_RDONLY)
+                except OSError:
+                    continue
+                self._fds.append(fds[file])
+            part = _read_zip(fp, file, fds[file], off + length)
+            if part.archive is None:
+                continue
+            w = watched.get((file, off))
+            for rec in part.archive.records.values():
+                if rec.method != 0:
+                    continue
+                info_ = w if w is not None and rec.name.startswith("data/") else None
+                second = info_ is not None and info_[0].endswith(_SECOND_MOMENTS)
+                job = self._pool.submit(self._scan, fds[file], rec.data_offset, rec.size,
+                                        info_[1] if info_ else None, second)
+                self._jobs.append((part, rec, info_, job))
 
     def _scan(self, fd: int, offset: int, size: int, dtype: str | None,
               second: bool) -> tuple[int, int, int, int]:

@@ -656,3 +656,44 @@ def test_to_file_refuses_hostile_chunks(dcp_dir: Path, tmp_path: Path) -> None:
                                "model.0.weight in __0_0.distcp: UNSAFE: loading it would run "
                                "posix.system")
     assert not out.exists()
+
+
+def test_check_deep_reads_every_rank_s_chunks(dcp2_dir: Path, tmp_path: Path) -> None:
+    """check --deep reads every archive of every data file: CRCs, and the values of params and
+    optimizer state (a negative second moment on rank 0, a NaN weight on rank 1)."""
+    import os
+    import shutil
+    import struct
+
+    from ckpttool.checkpoint import _read_zip
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp2_dir, folder)
+    assert run("check", "--deep", folder).stdout == (
+        "no findings\ncheck ok: 0 fail, 0 warn, 0 info\n")
+    ckpt = ckpttool.open(folder)
+    where = {}
+    for ptr, chunk, value in (("/optim/state/0.weight/exp_avg_sq", 0, -1.0),
+                              ("/model/0.weight", 1, float("nan"))):
+        _, _, file, off, length = ckpt.resolve(ptr).chunks[chunk]
+        fp = str(folder / file)
+        fd = os.open(fp, os.O_RDONLY)
+        try:
+            rec = _read_zip(fp, file, fd, off + length).archive.records["data/0"]
+        finally:
+            os.close(fd)
+        with open(fp, "r+b") as fh:
+            fh.seek(rec.data_offset)
+            fh.write(struct.pack("<f", value))
+        where[ptr] = (rec.data_offset, fp)
+    r = run("check", "--deep", folder, code=1)
+    (o1, f1), (o2, f2) = where["/optim/state/0.weight/exp_avg_sq"], where["/model/0.weight"]
+    doc = json.loads(run("check", "--deep", "--json", folder, code=1).stdout)
+    assert [(f["id"], f["pointer"], f["message"]) for f in doc["findings"]] == [
+        ("crc", "/optim/state/0.weight/exp_avg_sq", f"record data/0 (at byte {o1}) of {f1} fails "
+         "its CRC check: its bytes changed after the save (torch.load does not check)"),
+        ("negative-second-moment", "/optim/state/0.weight/exp_avg_sq",
+         "1 value of a second moment is negative"),
+        ("crc", "/model/0.weight", f"record data/0 (at byte {o2}) of {f2} fails its CRC check: "
+         "its bytes changed after the save (torch.load does not check)"),
+        ("nan-inf", "/model/0.weight", "1 value is NaN or Inf")]
+    assert r.stdout.splitlines()[-1] == "check FAILED: 4 fail, 0 warn, 0 info"
