@@ -70,6 +70,15 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     q = func.qualname.replace("__builtin__.", "builtins.")
     if q == "collections.OrderedDict" and args == ():
         return collections.OrderedDict()
+    if q == "collections.OrderedDict" and len(args) == 1 and _pairs(args[0]):
+        # Python 2 pickled an OrderedDict as one call on its items: a list of [key, value]
+        # lists (or a tuple of (key, value) tuples); torch's weights_only loader calls it too
+        keys = [p[0] for p in args[0]]
+        check_hashable(keys)
+        try:
+            return collections.OrderedDict((p[0], p[1]) for p in args[0])
+        except TypeError:  # an unhashable key: keep the call as recorded
+            return NotImplemented
     if q == "collections.Counter" and (args == () or (len(args) == 1 and isinstance(args[0], dict))):
         return collections.Counter(*args)
     if q == "_codecs.encode" and len(args) == 2 and isinstance(args[0], str) \
@@ -98,6 +107,12 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     if q == "builtins.bytearray" and len(args) == 1 and isinstance(args[0], bytes):
         return bytearray(args[0])
     return NotImplemented
+
+
+def _pairs(items: Any) -> bool:
+    """A list or tuple of 2-item lists or tuples (``dict(items)`` would take it)."""
+    return isinstance(items, (list, tuple)) and all(
+        type(p) in (list, tuple) and len(p) == 2 for p in items)
 
 
 def _known_attribute(args: tuple[Any, ...]) -> str | None:
@@ -327,7 +342,9 @@ class _Reader:
                 value = _evaluate_builtin(func, args, self.check_hashable)
                 if value is not NotImplemented:
                     return value
-            if func.qualname in TENSOR_REBUILDERS or func.qualname in PARAMETER_REBUILDERS \
+            if func.qualname in TENSOR_REBUILDERS \
+                    or (func.qualname in PARAMETER_REBUILDERS and args
+                        and isinstance(args[0], TensorRef)) \
                     or (func.qualname in FROM_TYPE_REBUILDERS and _wraps_tensor(args)):
                 t = TensorRef(func, args, kind)
                 if func.qualname in TENSOR_REBUILDERS:
@@ -623,12 +640,16 @@ def _unicode(r: _Reader) -> None:
         raise r.fail("bad UNICODE escape") from None
 
 
-def _py2_str(b: bytes) -> str:
-    # torch.load unpickles Python 2 strings with encoding="utf-8"
+def _py2_str(r: _Reader, b: bytes) -> str:
+    """A Python 2 ``str`` as torch.load decodes it: ``encoding="utf-8"`` (its default, strict,
+    in both its loaders). Bytes that are not UTF-8 (a Python 2 numpy array's data, a latin-1
+    name) make torch.load fail; so does reading them here, with the way out."""
     try:
         return b.decode("utf-8")
     except UnicodeDecodeError:
-        return b.decode("latin-1")
+        raise r.fail("a Python 2 string that is not UTF-8: torch.load fails on it with its "
+                     "default encoding='utf-8' (if you trust the file, load it with "
+                     "torch.load(..., encoding='latin1') and save it again)") from None
 
 
 @_op(b"S")
@@ -640,7 +661,7 @@ def _string(r: _Reader) -> None:
         with warnings.catch_warnings():
             # an unknown escape such as \q is kept as is (as pickle does), but Python warns
             warnings.simplefilter("ignore", DeprecationWarning)
-            r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
+            r.push(_py2_str(r, codecs.escape_decode(line[1:-1])[0]))
     except ValueError:
         raise r.fail("bad STRING escape") from None
 
@@ -648,12 +669,12 @@ def _string(r: _Reader) -> None:
 @_op(b"T")
 def _binstring(r: _Reader) -> None:
     size = _i32(r.read(4))[0]
-    r.push(_py2_str(bytes(r.read(size))))
+    r.push(_py2_str(r, bytes(r.read(size))))
 
 
 @_op(b"U")
 def _short_binstring(r: _Reader) -> None:
-    r.push(_py2_str(bytes(r.read(r.read(1)[0]))))
+    r.push(_py2_str(r, bytes(r.read(r.read(1)[0]))))
 
 
 @_op(b"B")
