@@ -21,11 +21,15 @@ from .formats.legacy import read_legacy
 from .formats.nodes import Global, Storage, TensorRef
 from .formats.safety import Safety
 from .formats.safetensors import SafeTensor, read_safetensors
+from .formats.torchscript import PICKLES as TS_PICKLES
+from .formats.torchscript import is_torchscript
+from .formats.torchscript import verdict as ts_verdict
 from .formats.torchzip import Archive, read_archive, read_record
 from .formats.unpickler import PickleTruncated, Unpickled, unpickle
 from .tree import join, opaque_top, resolve, split, storages, tensors
 
 if TYPE_CHECKING:
+    from .formats.torchscript import ScriptModule
     from .locate import Found, ModelState, OptimizerState, SchedulerState
 
 TINY_NUMEL = 8  # tensors with at most this many elements have their values read
@@ -41,7 +45,7 @@ class CheckpointFile:
 
     name: str  # "" for a single-file checkpoint, else the file name inside the folder
     path: str
-    format: str  # "torch-zip", "torch-legacy", "safetensors", "json" or "pickle"
+    format: str  # "torch-zip", "torch-legacy", "torchscript", "safetensors", "json", "pickle"
     size: int
     root: Any
     archive: Archive | None = None
@@ -58,7 +62,9 @@ class CheckpointFile:
 
     @property
     def opaque_globals(self) -> list[str]:
-        return self.safety.trust_globals
+        trust = self.safety.trust_globals
+        return [g for g in trust if g != "torch.jit.load"] if self.format == "torchscript" \
+            else trust
 
 
 class Checkpoint:
@@ -261,6 +267,15 @@ class Checkpoint:
                     h.bytes += st.nbytes
                     h.devices[st.location] = h.devices.get(st.location, 0) + 1
         return list(groups.values())
+
+    @cached_property
+    def torchscript(self) -> ScriptModule | None:
+        """For a TorchScript archive (``torch.jit.save``): its module class, tensors by
+        qualified name and code files; None for anything else."""
+        if self.is_folder or self.files[0].format != "torchscript":
+            return None
+        from .formats.torchscript import describe
+        return describe(self.root, self.files[0].extra["torchscript"])
 
     def optimizer(self, pointer: str | None = None) -> OptimizerState:
         """The optimizer at ``pointer``, or the only one when ``pointer`` is None."""
@@ -471,6 +486,8 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         archive = read_archive(path, fd, size)
     except (EOFError, struct.error):
         raise UnreadableError(f"a zip archive that is truncated or corrupt", path=path) from None
+    if is_torchscript(archive.records):
+        return _read_torchscript(path, name, fd, size, archive)
     pkl = archive.records["data.pkl"]
     data = read_record(path, fd, pkl, check_crc=False)  # torch.load does not check it either
     tricks = list(archive.tricks)
@@ -497,6 +514,53 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         st.record = rec
     f = CheckpointFile(name, path, "torch-zip", size, u.root, archive, u.globals, u.storages,
                        _tensors(u), safety=u.safety, extra={"tricks": tricks} if tricks else {})
+    _read_tiny_values(fd, f)
+    return f
+
+
+def _read_torchscript(path: str, name: str, fd: int, size: int,
+                      archive: Archive) -> CheckpointFile:
+    """A ``torch.jit.save`` archive: its pickles as one tree ``{"data.pkl": module,
+    "constants.pkl": ..., ...}`` (see :mod:`.formats.torchscript`), its code files as text."""
+    root: dict[str, Any] = {}
+    parts: dict[str, Safety] = {}
+    globals_: dict[str, Global] = {}
+    all_storages: dict[str, Storage] = {}
+    all_tensors: list[TensorRef] = []
+    for pkl in TS_PICKLES:
+        rec = archive.records.get(pkl)
+        if rec is None:
+            continue
+        try:
+            u = unpickle(read_record(path, fd, rec, check_crc=False))
+        except PickleError as e:
+            raise UnreadableError(f"{pkl} of a TorchScript archive does not parse "
+                                  f"({e.message})", path=path) from None
+        folder = pkl[:-len(".pkl")]
+        for key, st in u.storages.items():
+            srec = archive.records.get(f"{folder}/{key}")
+            # torch.jit.save writes traced_inputs/<key> records empty (torch.jit.load does not
+            # read them); the others hold the bytes
+            if srec is None or (srec.size < st.nbytes and pkl != "traced_inputs.pkl"):
+                raise UnreadableError(f"storage {folder}/{key} of {pkl} is missing from the "
+                                      "archive or too short (truncated or corrupt)", path=path)
+            st.record = srec
+            all_storages[f"{folder}/{key}"] = st
+        root[pkl] = u.root
+        parts[pkl] = u.safety
+        for q, g in u.globals.items():
+            globals_.setdefault(q, g)
+        all_tensors += _tensors(u)
+    code: dict[str, str] = {}
+    for rname, rec in archive.records.items():
+        if rname.startswith("code/") and not rname.endswith(".debug_pkl"):
+            code[rname] = read_record(path, fd, rec, limit=16 << 20,
+                                      check_crc=False).decode("utf-8", "replace")
+    extra: dict[str, Any] = {"torchscript": code}
+    if archive.tricks:
+        extra["tricks"] = list(archive.tricks)
+    f = CheckpointFile(name, path, "torchscript", size, root, archive, globals_, all_storages,
+                       all_tensors, extra=extra, safety=ts_verdict(parts, len(code)))
     _read_tiny_values(fd, f)
     return f
 
