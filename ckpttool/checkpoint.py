@@ -696,16 +696,23 @@ def _folder_kind(names: set[str]) -> str:
     return "folder"
 
 
-def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
+def open_for_edit(path: str | os.PathLike[str], command: str = "") -> Checkpoint:
     """Open a checkpoint that is about to be edited and saved: an unsafe one is refused here,
     before any edit (:class:`UnsafeCheckpointError`), and so is a format ckpttool reads but
-    does not write (a plain pickle, the pre-1.0 tar format, a pickle that breaks)."""
-    from .errors import UnsafeCheckpointError
+    does not write (a plain pickle, the pre-1.0 tar format, a pickle that breaks). A
+    TorchScript archive takes ``move`` only: ``command`` names the edit (the CLI's command)."""
+    from .errors import EditError, UnsafeCheckpointError
     ckpt = open_checkpoint(path)
     if ckpt.unsafe:
         raise UnsafeCheckpointError(
             "refusing to edit: " + ckpt.safety.headline() + ". Nothing was written.",
             path=ckpt.path)
+    if command and command != "move" and any(f.format == "torchscript" for f in ckpt.files):
+        raise EditError(f"a TorchScript archive (torch.jit.save) holds a compiled module, "
+                        f"with no optimizer or scheduler state: {command} does not apply to "
+                        "it; only move does", path=ckpt.path,
+                        hint="to change the module, torch.jit.load it (if you trust it), edit "
+                             "it and torch.jit.save it again")
     flat = [o.pointer or "/" for o in ckpt.optimizers if o.flattened]
     if flat:
         raise CkptError(f"the optimizer state at {', '.join(flat)} is in the flattened form "
