@@ -73,8 +73,8 @@ def verdict(parts: dict[str, Safety], code_files: int) -> Safety:
     return out
 
 
-_CLASS = re.compile(r"^class (\w+)\(.*?\):\n((?:  .*\n|\n)*)", re.M)
-_LIST = re.compile(r"^  (__parameters__|__buffers__) = (\[.*?\])$", re.M)
+_CLASS = re.compile(r"^class (\w+)\(.*?\):\n((?:  .*\n|\n)*)", re.MULTILINE)
+_LIST = re.compile(r"^  (__parameters__|__buffers__) = (\[.*?\])$", re.MULTILINE)
 
 
 def member_kinds(code: dict[str, str]) -> dict[str, dict[str, str]]:
