@@ -266,8 +266,8 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
             sel = [int(x) for x in groups.split(",")] if groups else None
         except ValueError:
             raise EditError(f"--groups takes indices like 0,2, not {groups!r}") from None
-        plan = merge_groups(open_for_edit(path, "merge-groups"), sel, _parse_assignments(sets), optimizer,
-                            scheduler, no_scheduler, force)
+        plan = merge_groups(open_for_edit(path, "merge-groups"), sel, _parse_assignments(sets),
+                            optimizer, scheduler, no_scheduler, force)
         _finish(plan, output, force, backup, dry_run)
     _run(go, path)
 

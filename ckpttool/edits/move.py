@@ -1,9 +1,9 @@
 """``move``: change the device tag of every storage (no tensor bytes are read or written).
 
 torch.save always writes bytes from a CPU copy; the device is only the ``location`` string of
-each storage's persistent id. In a TorchScript archive that holds for the storages of
-``data.pkl``, ``constants.pkl`` and ``traced_inputs.pkl`` alike. ``step`` stays on the CPU unless its group is capturable or
-fused, which is where torch's optimizers keep it. RNG-state files (the Trainer's
+each storage's persistent id (in a TorchScript archive: the storages of ``data.pkl``,
+``constants.pkl`` and ``traced_inputs.pkl`` alike). ``step`` stays on the CPU unless its group
+is capturable or fused, which is where torch's optimizers keep it. RNG-state files (the Trainer's
 ``rng_state*.pth``, accelerate's ``random_states_*.pkl``) stay on the CPU too:
 ``torch.set_rng_state`` only takes a CPU ByteTensor, even for CUDA generators' states.
 """
