@@ -294,3 +294,18 @@ def test_torchscript_other_edits_refused(argv: list[str], command: str) -> None:
                         f"module, with no optimizer or scheduler state: {command} does not apply "
                         "to it; only move does; to change the module, torch.jit.load it (if you "
                         "trust it), edit it and torch.jit.save it again\n")
+
+
+def test_torchscript_check_warns_weights_only() -> None:
+    r = run("check", WILD / "traced.pt")
+    assert r.stdout == (
+        "level    id            pointer    message                                        "
+        "              hint\n"
+        "-------  ------------  ---------  -----------------------------------------------"
+        "------------  -------------------------------------------\n"
+        "WARN     weights-only  (root)     a TorchScript archive: torch.load hands it to  "
+        "              load it with torch.jit.load if you trust it\n"
+        "                                  torch.jit.load, which runs its TorchScript code"
+        " and refuses\n"
+        "                                  weights_only=True\n"
+        "check ok: 0 fail, 1 warn, 0 info\n")
