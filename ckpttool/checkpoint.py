@@ -32,11 +32,23 @@ if TYPE_CHECKING:
     from .formats.torchscript import ScriptModule
     from .locate import Found, ModelState, OptimizerState, SchedulerState
 
-TINY_NUMEL = 8  # tensors with at most this many elements have their values read
+TINY_NUMEL = 8
+# Python 2 strings that are not UTF-8 (numpy scalars and arrays pickled by Python 2 hold their
+# bytes in one): torch.load's default encoding fails on them
+LATIN1_NOTE = ("Python 2 strings that are not UTF-8 (the first at byte {} of {}): a "
+               "plain torch.load fails on them (its default encoding='utf-8'); "
+               "torch.load(..., encoding='latin1') reads them as shown here, and a file "
+               "ckpttool rewrites holds them as Python 3 strings")  # tensors with at most this many elements have their values read
 _SNIFF = 64
 
 # files inside a folder that ckpttool reads, by suffix
 _FOLDER_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json", ".pkl", ".tar")
+
+
+def latin1_note(f: CheckpointFile) -> str:
+    """The note for a file whose pickle holds Python 2 strings that are not UTF-8."""
+    return LATIN1_NOTE.format(f.extra["latin1_at"],
+                              "data.pkl" if f.format == "torch-zip" else "the file")
 
 
 @dataclass
@@ -177,6 +189,8 @@ class Checkpoint:
                               "front" if f.extra["trailing_kind"] == "a zip archive" else ""))
             for trick in f.extra.get("tricks", ()):
                 out.append(f"{who}{trick}")
+            if "latin1_at" in f.extra:
+                out.append(f"{who}{latin1_note(f)}")
             if "dcp_files" in f.extra:
                 df = f.extra["dcp_files"]
                 out.append("a torch.distributed.checkpoint folder: .metadata and "
@@ -452,6 +466,8 @@ def _read_pickle(path: str, name: str, fd: int, size: int, head: bytes) -> Check
             raise _sniff_error(path, head, size) from None  # not a pickle: say what it is
         return _broken(path, name, "pickle", size, e, "a plain pickle that breaks")
     extra: dict[str, Any] = {"end": u.end}
+    if u.latin1_at is not None:
+        extra["latin1_at"] = u.latin1_at
     if u.end < size:
         tail = os.pread(fd, 4, u.end)
         extra["trailing"] = size - u.end
@@ -514,6 +530,8 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         st.record = rec
     f = CheckpointFile(name, path, "torch-zip", size, u.root, archive, u.globals, u.storages,
                        _tensors(u), safety=u.safety, extra={"tricks": tricks} if tricks else {})
+    if u.latin1_at is not None:
+        f.extra["latin1_at"] = u.latin1_at
     _read_tiny_values(fd, f)
     return f
 

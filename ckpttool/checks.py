@@ -24,7 +24,7 @@ from typing import Any
 from tabulate import tabulate
 
 from . import knowledge
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, latin1_note, open_checkpoint
 from .edits import as_number
 from .errors import CkptError
 from .formats.nodes import TensorRef
@@ -417,6 +417,10 @@ def check_loading(ctx: Context) -> Iterator[Finding]:
                           trick, "restore the file from another copy" if crc else
                           "re-save it with torch.save if you trust it")
     for f in ctx.ckpt.files:
+        if "latin1_at" in f.extra:
+            yield Finding("py2-encoding", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
+                          latin1_note(f),
+                          "load it with torch.load(..., encoding='latin1')")
         if f.format == "torchscript":
             yield Finding("weights-only", WARN, join("", f.name) if ctx.ckpt.is_folder else "",
                           "a TorchScript archive: torch.load hands it to torch.jit.load, which "

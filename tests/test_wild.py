@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -190,15 +191,44 @@ def test_py2_strings_and_longs() -> None:
                b"\x8b\x09\x00\x00\x00" + (2**64).to_bytes(9, "little") + b"t")
     assert unpickle(data).root == ("hé!", "abc", "x\n", 256, 2**64)
     assert unpickle(data).root == pickle_loads(data)
-    # not UTF-8: torch.load (encoding="utf-8", strict) fails, and so does reading it
-    for op in (b"U\x02\xe9\xe9", b"T\x02\x00\x00\x00\xe9\xe9", b"S'\\xe9'\n"):
-        with pytest.raises(PickleError) as e:
-            unpickle(_p2(op))
-        assert "a Python 2 string that is not UTF-8: torch.load fails on it with its " \
-            "default encoding='utf-8' (if you trust the file, load it with " \
-            "torch.load(..., encoding='latin1') and save it again)" in e.value.message
+    # not UTF-8: torch.load (encoding="utf-8", strict) fails; read as encoding="latin1" reads
+    for op in (b"U\x02\xe9\xe9", b"T\x02\x00\x00\x00\xe9\xe9", b"S'\\xe9\\xe9'\n"):
+        u = unpickle(_p2(b"(K\x01" + op + b"t"))
+        assert u.root == (1, "\xe9\xe9") and u.latin1_at == 5  # the opcode's offset
         with pytest.raises(UnicodeDecodeError):
             pickle_loads(_p2(op))
+        assert pickle.loads(_p2(op), encoding="latin1") == "\xe9\xe9"
+
+
+def test_py2_latin1_string_noted_in_show_and_check(tmp_path: Path) -> None:
+    """A Python 2 numpy scalar holds its bytes in a str: torch.load fails without
+    encoding='latin1'; show says so and check fails."""
+    path = tmp_path / "py2_numpy.pt"
+    value = b"\x00\x00\x00\x00\x00\xe0\x6f\x40"  # float64 255.0, not UTF-8
+    dtype = (b"cnumpy\ndtype\n(U\x02f8K\x00K\x01tR(K\x03U\x01<NNNJ\xff\xff\xff\xff"
+             b"J\xff\xff\xff\xffK\x00tb")
+    main = _p2(b"}(U\x04bestcnumpy.core.multiarray\nscalar\n(" + dtype + b"U\x08" + value
+               + b"tRu")
+    head = b"".join(pickle.dumps(v, protocol=2) for v in (
+        0x1950A86A20F9469CFC6C, 1001,
+        {"protocol_version": 1001, "little_endian": True,
+         "type_sizes": {"short": 2, "int": 4, "long": 4}}))
+    path.write_bytes(head + main + pickle.dumps([], protocol=2))
+    at = len(head) + main.index(b"U\x08")
+    with pytest.raises(UnicodeDecodeError):
+        torch.load(path, weights_only=False)
+    got = torch.load(path, weights_only=False, encoding="latin1")
+    assert float(got["best"]) == 255.0
+    note = ("note:    Python 2 strings that are not UTF-8 (the first at byte {} of the file): "
+            "a plain torch.load fails on them (its default encoding='utf-8'); torch.load(..., "
+            "encoding='latin1') reads them as shown here, and a file ckpttool rewrites holds "
+            "them as Python 3 strings\n")
+    r = run("show", path)
+    assert note.format(at) in r.stdout
+    r = run("check", path, "--json", code=1)
+    doc = json.loads(r.stdout)
+    assert [(f["id"], f["level"]) for f in doc["findings"]][:1] == [("py2-encoding", "FAIL")]
+    assert doc["findings"][0]["message"] == note[len("note:    "):-1].format(at)
 
 
 def test_parameter_newobj_form() -> None:
