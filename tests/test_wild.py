@@ -21,7 +21,6 @@ import torch
 from conftest import FIXTURES, run
 
 import ckpttool
-from ckpttool.errors import PickleError
 from ckpttool.formats.nodes import Global, Reduce, TensorRef
 from ckpttool.formats.unpickler import unpickle
 
