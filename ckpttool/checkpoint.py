@@ -21,18 +21,34 @@ from .formats.legacy import read_legacy
 from .formats.nodes import Global, Storage, TensorRef
 from .formats.safety import Safety
 from .formats.safetensors import SafeTensor, read_safetensors
+from .formats.torchscript import PICKLES as TS_PICKLES
+from .formats.torchscript import is_torchscript
+from .formats.torchscript import verdict as ts_verdict
 from .formats.torchzip import Archive, read_archive, read_record
 from .formats.unpickler import PickleTruncated, Unpickled, unpickle
 from .tree import join, opaque_top, resolve, split, storages, tensors
 
 if TYPE_CHECKING:
+    from .formats.torchscript import ScriptModule
     from .locate import Found, ModelState, OptimizerState, SchedulerState
 
-TINY_NUMEL = 8  # tensors with at most this many elements have their values read
+TINY_NUMEL = 8
+# Python 2 strings that are not UTF-8 (numpy scalars and arrays pickled by Python 2 hold their
+# bytes in one): torch.load's default encoding fails on them
+LATIN1_NOTE = ("Python 2 strings that are not UTF-8 (the first at byte {} of {}): a "
+               "plain torch.load fails on them (its default encoding='utf-8'); "
+               "torch.load(..., encoding='latin1') reads them as shown here, and a file "
+               "ckpttool rewrites holds them as Python 3 strings")  # tensors with at most this many elements have their values read
 _SNIFF = 64
 
 # files inside a folder that ckpttool reads, by suffix
 _FOLDER_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json", ".pkl", ".tar")
+
+
+def latin1_note(f: CheckpointFile) -> str:
+    """The note for a file whose pickle holds Python 2 strings that are not UTF-8."""
+    return LATIN1_NOTE.format(f.extra["latin1_at"],
+                              "data.pkl" if f.format == "torch-zip" else "the file")
 
 
 @dataclass
@@ -41,7 +57,7 @@ class CheckpointFile:
 
     name: str  # "" for a single-file checkpoint, else the file name inside the folder
     path: str
-    format: str  # "torch-zip", "torch-legacy", "safetensors", "json" or "pickle"
+    format: str  # "torch-zip", "torch-legacy", "torchscript", "safetensors", "json", "pickle"
     size: int
     root: Any
     archive: Archive | None = None
@@ -58,7 +74,9 @@ class CheckpointFile:
 
     @property
     def opaque_globals(self) -> list[str]:
-        return self.safety.trust_globals
+        trust = self.safety.trust_globals
+        return [g for g in trust if g != "torch.jit.load"] if self.format == "torchscript" \
+            else trust
 
 
 class Checkpoint:
@@ -171,6 +189,8 @@ class Checkpoint:
                               "front" if f.extra["trailing_kind"] == "a zip archive" else ""))
             for trick in f.extra.get("tricks", ()):
                 out.append(f"{who}{trick}")
+            if "latin1_at" in f.extra:
+                out.append(f"{who}{latin1_note(f)}")
             if "dcp_files" in f.extra:
                 df = f.extra["dcp_files"]
                 out.append("a torch.distributed.checkpoint folder: .metadata and "
@@ -261,6 +281,15 @@ class Checkpoint:
                     h.bytes += st.nbytes
                     h.devices[st.location] = h.devices.get(st.location, 0) + 1
         return list(groups.values())
+
+    @cached_property
+    def torchscript(self) -> ScriptModule | None:
+        """For a TorchScript archive (``torch.jit.save``): its module class, tensors by
+        qualified name and code files; None for anything else."""
+        if self.is_folder or self.files[0].format != "torchscript":
+            return None
+        from .formats.torchscript import describe
+        return describe(self.root, self.files[0].extra["torchscript"])
 
     def optimizer(self, pointer: str | None = None) -> OptimizerState:
         """The optimizer at ``pointer``, or the only one when ``pointer`` is None."""
@@ -437,6 +466,8 @@ def _read_pickle(path: str, name: str, fd: int, size: int, head: bytes) -> Check
             raise _sniff_error(path, head, size) from None  # not a pickle: say what it is
         return _broken(path, name, "pickle", size, e, "a plain pickle that breaks")
     extra: dict[str, Any] = {"end": u.end}
+    if u.latin1_at is not None:
+        extra["latin1_at"] = u.latin1_at
     if u.end < size:
         tail = os.pread(fd, 4, u.end)
         extra["trailing"] = size - u.end
@@ -471,6 +502,8 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         archive = read_archive(path, fd, size)
     except (EOFError, struct.error):
         raise UnreadableError(f"a zip archive that is truncated or corrupt", path=path) from None
+    if is_torchscript(archive.records):
+        return _read_torchscript(path, name, fd, size, archive)
     pkl = archive.records["data.pkl"]
     data = read_record(path, fd, pkl, check_crc=False)  # torch.load does not check it either
     tricks = list(archive.tricks)
@@ -497,6 +530,55 @@ def _read_zip(path: str, name: str, fd: int, size: int) -> CheckpointFile:
         st.record = rec
     f = CheckpointFile(name, path, "torch-zip", size, u.root, archive, u.globals, u.storages,
                        _tensors(u), safety=u.safety, extra={"tricks": tricks} if tricks else {})
+    if u.latin1_at is not None:
+        f.extra["latin1_at"] = u.latin1_at
+    _read_tiny_values(fd, f)
+    return f
+
+
+def _read_torchscript(path: str, name: str, fd: int, size: int,
+                      archive: Archive) -> CheckpointFile:
+    """A ``torch.jit.save`` archive: its pickles as one tree ``{"data.pkl": module,
+    "constants.pkl": ..., ...}`` (see :mod:`.formats.torchscript`), its code files as text."""
+    root: dict[str, Any] = {}
+    parts: dict[str, Safety] = {}
+    globals_: dict[str, Global] = {}
+    all_storages: dict[str, Storage] = {}
+    all_tensors: list[TensorRef] = []
+    for pkl in TS_PICKLES:
+        rec = archive.records.get(pkl)
+        if rec is None:
+            continue
+        try:
+            u = unpickle(read_record(path, fd, rec, check_crc=False))
+        except PickleError as e:
+            raise UnreadableError(f"{pkl} of a TorchScript archive does not parse "
+                                  f"({e.message})", path=path) from None
+        folder = pkl[:-len(".pkl")]
+        for key, st in u.storages.items():
+            srec = archive.records.get(f"{folder}/{key}")
+            # torch.jit.save writes traced_inputs/<key> records empty (torch.jit.load does not
+            # read them); the others hold the bytes
+            if srec is None or (srec.size < st.nbytes and pkl != "traced_inputs.pkl"):
+                raise UnreadableError(f"storage {folder}/{key} of {pkl} is missing from the "
+                                      "archive or too short (truncated or corrupt)", path=path)
+            st.record = srec
+            all_storages[f"{folder}/{key}"] = st
+        root[pkl] = u.root
+        parts[pkl] = u.safety
+        for q, g in u.globals.items():
+            globals_.setdefault(q, g)
+        all_tensors += _tensors(u)
+    code: dict[str, str] = {}
+    for rname, rec in archive.records.items():
+        if rname.startswith("code/") and not rname.endswith(".debug_pkl"):
+            code[rname] = read_record(path, fd, rec, limit=16 << 20,
+                                      check_crc=False).decode("utf-8", "replace")
+    extra: dict[str, Any] = {"torchscript": code}
+    if archive.tricks:
+        extra["tricks"] = list(archive.tricks)
+    f = CheckpointFile(name, path, "torchscript", size, root, archive, globals_, all_storages,
+                       all_tensors, extra=extra, safety=ts_verdict(parts, len(code)))
     _read_tiny_values(fd, f)
     return f
 
@@ -632,16 +714,23 @@ def _folder_kind(names: set[str]) -> str:
     return "folder"
 
 
-def open_for_edit(path: str | os.PathLike[str]) -> Checkpoint:
+def open_for_edit(path: str | os.PathLike[str], command: str = "") -> Checkpoint:
     """Open a checkpoint that is about to be edited and saved: an unsafe one is refused here,
     before any edit (:class:`UnsafeCheckpointError`), and so is a format ckpttool reads but
-    does not write (a plain pickle, the pre-1.0 tar format, a pickle that breaks)."""
-    from .errors import UnsafeCheckpointError
+    does not write (a plain pickle, the pre-1.0 tar format, a pickle that breaks). A
+    TorchScript archive takes ``move`` only: ``command`` names the edit (the CLI's command)."""
+    from .errors import EditError, UnsafeCheckpointError
     ckpt = open_checkpoint(path)
     if ckpt.unsafe:
         raise UnsafeCheckpointError(
             "refusing to edit: " + ckpt.safety.headline() + ". Nothing was written.",
             path=ckpt.path)
+    if command and command != "move" and any(f.format == "torchscript" for f in ckpt.files):
+        raise EditError(f"a TorchScript archive (torch.jit.save) holds a compiled module, "
+                        f"with no optimizer or scheduler state: {command} does not apply to "
+                        "it; only move does", path=ckpt.path,
+                        hint="to change the module, torch.jit.load it (if you trust it), edit "
+                             "it and torch.jit.save it again")
     flat = [o.pointer or "/" for o in ckpt.optimizers if o.flattened]
     if flat:
         raise CkptError(f"the optimizer state at {', '.join(flat)} is in the flattened form "

@@ -24,7 +24,7 @@ from typing import Any
 from tabulate import tabulate
 
 from . import knowledge
-from .checkpoint import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint, latin1_note, open_checkpoint
 from .edits import as_number
 from .errors import CkptError
 from .formats.nodes import TensorRef
@@ -416,6 +416,16 @@ def check_loading(ctx: Context) -> Iterator[Finding]:
             yield Finding("crc" if crc else "archive-trick", FAIL if crc else WARN, where,
                           trick, "restore the file from another copy" if crc else
                           "re-save it with torch.save if you trust it")
+    for f in ctx.ckpt.files:
+        if "latin1_at" in f.extra:
+            yield Finding("py2-encoding", FAIL, join("", f.name) if ctx.ckpt.is_folder else "",
+                          latin1_note(f),
+                          "load it with torch.load(..., encoding='latin1')")
+        if f.format == "torchscript":
+            yield Finding("weights-only", WARN, join("", f.name) if ctx.ckpt.is_folder else "",
+                          "a TorchScript archive: torch.load hands it to torch.jit.load, which "
+                          "runs its TorchScript code and refuses weights_only=True",
+                          "load it with torch.jit.load if you trust it")
     # the verdict's needs-trust globals (outside ckpttool's copy of torch's allowlist), less
     # those a newer installed torch allows
     outside = {c.global_ for f in ctx.ckpt.files if f.format in ("torch-zip", "torch-legacy")

@@ -173,7 +173,7 @@ def set_lr_cmd(path: str, lr: float | None, scale: float | None, keep_ratios: bo
         if (lr is None) == (scale is None):
             raise EditError("give the new learning rate LR or --scale F (one of them)",
                             hint="for example `ckpttool set-lr ckpt.pth 1e-4`")
-        plan = set_lr(open_for_edit(path), lr, scale=scale,
+        plan = set_lr(open_for_edit(path, "set-lr"), lr, scale=scale,
                       ratios="keep" if keep_ratios else ("same" if same else None),
                       groups=list(groups) or None, optimizer=optimizer, scheduler=scheduler,
                       no_scheduler=no_scheduler, base_lr=base_lr)
@@ -200,7 +200,7 @@ def set_cmd(path: str, assignments: tuple[str, ...], groups: tuple[int, ...],
 
     def go() -> None:
         values = _parse_assignments(assignments)
-        plan = set_hparams(open_for_edit(path), values, list(groups) or None, optimizer,
+        plan = set_hparams(open_for_edit(path, "set"), values, list(groups) or None, optimizer,
                            force)
         _finish(plan, output, force, backup, dry_run)
     _run(go, path)
@@ -235,7 +235,7 @@ def move(path: str, device: str, pointer: str, output: str | None, force: bool, 
     from .edits.move import move as move_edit
 
     def go() -> None:
-        _finish(move_edit(open_for_edit(path), device, pointer), output, force, backup,
+        _finish(move_edit(open_for_edit(path, "move"), device, pointer), output, force, backup,
                 dry_run)
     _run(go, path)
 
@@ -267,8 +267,8 @@ def merge_groups_cmd(path: str, groups: str | None, sets: tuple[str, ...],
             sel = [int(x) for x in groups.split(",")] if groups else None
         except ValueError:
             raise EditError(f"--groups takes indices like 0,2, not {groups!r}") from None
-        plan = merge_groups(open_for_edit(path), sel, _parse_assignments(sets), optimizer,
-                            scheduler, no_scheduler, force)
+        plan = merge_groups(open_for_edit(path, "merge-groups"), sel, _parse_assignments(sets),
+                            optimizer, scheduler, no_scheduler, force)
         _finish(plan, output, force, backup, dry_run)
     _run(go, path)
 
@@ -332,7 +332,7 @@ def convert(path: str, target: str, sets: tuple[str, ...], moments: str, step: i
     from .edits.convert import convert as convert_edit
 
     def go() -> None:
-        plan = convert_edit(open_for_edit(path), target, sets=_parse_assignments(sets),
+        plan = convert_edit(open_for_edit(path, "convert"), target, sets=_parse_assignments(sets),
                             moments=moments, step=step, optimizer=optimizer)
         _finish(plan, output, force, backup, dry_run)
     _run(go, path)

@@ -183,6 +183,7 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
         "optimizers": [optimizer_json(o, tensor_stats) for o in opts],
         "schedulers": [scheduler_json(s) for s in ckpt.schedulers],
         "models": [model_json(m) for m in ckpt.models],
+        "torchscript": _torchscript_json(ckpt),
         "deepspeed_zero": [{"file": z.file, "rank": z.rank, "group": z.group,
                             "partition_numel": z.partition_numel, "padding": z.padding,
                             "params": [{"name": s.name, "shape": list(s.shape)
@@ -190,6 +191,16 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
                                         "start": s.start, "numel": s.numel} for s in z.slices]}
                            for z in zero_groups(ckpt)],
     }
+
+
+def _torchscript_json(ckpt: Checkpoint) -> dict[str, Any] | None:
+    ts = ckpt.torchscript
+    if ts is None:
+        return None
+    return {"module": ts.cls, "code": ts.code, "constants": ts.constants,
+            "tensors": [{"name": m.name, "kind": m.kind, "pointer": m.pointer,
+                         "shape": list(m.tensor.shape), "dtype": m.tensor.dtype,
+                         "device": m.tensor.device} for m in ts.members]}
 
 
 def compute_stats(ckpt: Checkpoint, opts: list[OptimizerState]) -> dict[int, dict[str, Any]]:
@@ -258,6 +269,8 @@ def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = Fal
     lines += [f"format:  {ckpt.format}",
              f"size:    {_human(ckpt.size)} ({ckpt.size} bytes)"]
     lines += safety_lines(ckpt)
+    if ckpt.torchscript is not None:
+        return "\n".join(lines + _torchscript_text(ckpt))
     tl = top_level(ckpt)
     if tl:
         lines.append("files:" if ckpt.is_folder else "keys:")
@@ -311,6 +324,28 @@ def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = Fal
     if not (ckpt.optimizers or ckpt.schedulers or ckpt.models):
         lines += ["", "no optimizer, scheduler or model state found"]
     return "\n".join(lines)
+
+
+def _torchscript_text(ckpt: Checkpoint) -> list[str]:
+    """A TorchScript archive: the module, its tensors by qualified name, the code files."""
+    ts = ckpt.torchscript
+    assert ts is not None
+    lines = [f"module:  {ts.cls} (TorchScript)"]
+    lines += [f"note:    {n}" for n in ckpt.notes]
+    devs = ckpt.devices
+    if devs:
+        lines.append(f"storages: {sum(devs.values())} (" + ", ".join(
+            f"{d} x{n}" for d, n in sorted(devs.items())) + ")")
+    lines += ["", f"code ({len(ts.code)} files, TorchScript that torch.jit.load compiles and "
+                  "runs):"] + [f"  {c}" for c in ts.code]
+    rows = [[m.name, m.kind, list(m.tensor.shape), m.tensor.dtype, m.tensor.device]
+            for m in ts.members]
+    consts = f"; {ts.constants} constant tensor{'s' if ts.constants != 1 else ''} in " \
+        "constants.pkl" if ts.constants else ""
+    lines += ["", f"tensors ({len(ts.members)}{consts}):"]
+    if rows:
+        lines.append(_indent(tabulate(rows, ["name", "kind", "shape", "dtype", "device"])))
+    return lines
 
 
 def _optimizer_text(o: OptimizerState, show_all: bool, tstats: dict[int, dict[str, Any]]

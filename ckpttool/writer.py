@@ -54,6 +54,7 @@ from .formats.nodes import Storage
 from .formats.pickler import dumps, zip_pid_renumbering
 from .formats.torchzip import read_archive, read_record
 from .formats.unpickler import unpickle
+from .tree import storages
 from .formats.torchzip_write import (DEFAULT_ALIGNMENT, Payload, Progress, WrittenRecord,
                                      write_archive)
 
@@ -271,6 +272,42 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
     return out, alignment
 
 
+def _torchscript_records(source: CheckpointFile, fd: int, root: Any
+                         ) -> tuple[list[tuple[str, Payload]], bytes | None]:
+    """The records of a TorchScript archive with its pickles written from ``root`` (``{"data.pkl":
+    ..., "constants.pkl": ..., ...}``): a pickle whose tree is unchanged keeps its bytes, an
+    edited one (storages retagged by ``move``) is pickled again with the same storage keys, so
+    every ``data/``, ``constants/``, ``code/`` record is copied as it is, in the archive's order.
+    Also the new data.pkl bytes (None when data.pkl is kept)."""
+    from .formats.torchscript import PICKLES
+    archive = source.archive
+    assert archive is not None and isinstance(root, dict) and isinstance(source.root, dict)
+    new: dict[str, bytes] = {}
+    for pkl in PICKLES:
+        if pkl not in root or root[pkl] is source.root.get(pkl):
+            continue
+        for st in storages(root[pkl]).values():
+            if st[1].content is not None:
+                raise CkptError(f"{pkl}: a TorchScript archive only takes new device tags, "
+                                "not new tensors", path=source.path)
+        src = read_record(source.path, fd, archive.records[pkl])
+        try:
+            new[pkl] = dumps(root[pkl], protocol=src[1] if src[:1] == b"\x80" else 2)
+        except (ValueError, TypeError, AttributeError, RecursionError) as e:
+            raise CkptError(f"cannot write the edited {pkl} as a pickle: {e}") from e
+    out: list[tuple[str, Payload]] = []
+    for name, rec in archive.records.items():
+        if name in new:
+            out.append((name, Payload.from_bytes(new[name])))
+        elif rec.method != 0:
+            out.append((name, Payload.from_bytes(read_record(source.path, fd, rec))))
+        else:
+            crc = None if (rec.crc == 0 and rec.size) else rec.crc
+            out.append((name, Payload.from_file(fd, rec.data_offset, rec.size, crc,
+                                                name=f"{source.path}: {name}")))
+    return out, new.get("data.pkl")
+
+
 def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = None, *,
                new_records: dict[Any, NewRecord] | None = None,
                force: bool = False, backup: bool = False,
@@ -291,7 +328,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             f"{source.path}: refusing to write from an unsafe checkpoint: it references "
             f"{', '.join(source.unsafe_globals)}, which would run code when loaded. Nothing "
             "was written.")
-    if source.format not in ("torch-zip", "torch-legacy"):
+    if source.format not in ("torch-zip", "torch-legacy", "torchscript"):
         raise CkptError(f"writing {source.format} files is not supported "
                         "(only torch.save files)", path=source.path)
     if root is None:
@@ -305,33 +342,40 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             raise CkptError(f"the file changed since it was read; open it "
                             "again and redo the edit", path=source.path)
         # -- the pickle ----------------------------------------------------------------------
-        if source.format == "torch-zip":
-            assert source.archive is not None
-            src_pkl = read_record(source.path, fd, source.archive.records["data.pkl"])
-            protocol = src_pkl[1] if src_pkl[:1] == b"\x80" else 2
+        if source.format == "torchscript":
+            records, data_pkl = _torchscript_records(source, fd, root)
+            alignment, reused = DEFAULT_ALIGNMENT, data_pkl is None
+            if data_pkl is None:
+                assert source.archive is not None
+                data_pkl = read_record(source.path, fd, source.archive.records["data.pkl"])
         else:
-            src_pkl, protocol = b"", 2
-        order: list[Storage] = []
-        try:
-            canon = dumps(root, protocol=protocol,
-                          storage_pid=zip_pid_renumbering(),
-                          storage_order=order)
-        except (ValueError, TypeError, AttributeError, RecursionError) as e:
-            raise CkptError(f"cannot write the edited tree as a pickle: {e}") from e
-        data_pkl = canon
-        reused = False
-        # the original data.pkl is kept when the new pickle is the same, byte for byte; an
-        # edit (a new root) never parses it again. Only for the file's own tree (root None:
-        # possibly changed in place by a caller of this low-level function) is the original
-        # parsed again, to tell "unchanged, though ckpttool's pickle of it differs in memo
-        # details" from "changed".
-        if src_pkl and canon == src_pkl:
-            data_pkl, reused = src_pkl, True
-        elif src_pkl and root is source.root:
-            fresh = unpickle(src_pkl).root
-            if dumps(fresh, protocol=protocol, storage_pid=zip_pid_renumbering()) == canon:
+            if source.format == "torch-zip":
+                assert source.archive is not None
+                src_pkl = read_record(source.path, fd, source.archive.records["data.pkl"])
+                protocol = src_pkl[1] if src_pkl[:1] == b"\x80" else 2
+            else:
+                src_pkl, protocol = b"", 2
+            order: list[Storage] = []
+            try:
+                canon = dumps(root, protocol=protocol,
+                              storage_pid=zip_pid_renumbering(),
+                              storage_order=order)
+            except (ValueError, TypeError, AttributeError, RecursionError) as e:
+                raise CkptError(f"cannot write the edited tree as a pickle: {e}") from e
+            data_pkl = canon
+            reused = False
+            # the original data.pkl is kept when the new pickle is the same, byte for byte; an
+            # edit (a new root) never parses it again. Only for the file's own tree (root None:
+            # possibly changed in place by a caller of this low-level function) is the original
+            # parsed again, to tell "unchanged, though ckpttool's pickle of it differs in memo
+            # details" from "changed".
+            if src_pkl and canon == src_pkl:
                 data_pkl, reused = src_pkl, True
-        records, alignment = _source_records(source, fd, data_pkl, order, new_records)
+            elif src_pkl and root is source.root:
+                fresh = unpickle(src_pkl).root
+                if dumps(fresh, protocol=protocol, storage_pid=zip_pid_renumbering()) == canon:
+                    data_pkl, reused = src_pkl, True
+            records, alignment = _source_records(source, fd, data_pkl, order, new_records)
 
         # -- the temp file -------------------------------------------------------------------
         directory = os.path.dirname(target)
@@ -376,7 +420,8 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
                 os.unlink(tmp)
             except OSError:
                 pass
-    return WriteResult(target, "torch-zip", size,
+    return WriteResult(target, "torchscript" if source.format == "torchscript" else "torch-zip",
+                       size,
                        "torch-legacy" if source.format == "torch-legacy" else None,
                        backup_path, reused, written)
 

@@ -1,7 +1,7 @@
 """Byte-mutation fuzzing of the restricted unpickler, in process.
 
-Seeds are real pickles: every ``data.pkl`` of the fixture archives, the five pickles of the
-legacy fixture, and ``pickle.dumps`` of plain containers at every protocol (dumps never loads
+Seeds are real pickles: every ``data.pkl`` of the fixture archives, the five pickles of three
+legacy fixtures (one of torch 2.x, two of the Python 2 era), and ``pickle.dumps`` of plain containers at every protocol (dumps never loads
 anything). Each case applies a few mutations (bit flips, byte replacements, opcode bytes,
 inserts, deletes, truncation, splices of a run of another seed) and feeds the result to
 :func:`~ckpttool.formats.unpickler.unpickle`, which must return or raise a
@@ -59,12 +59,15 @@ def _zip_pickles() -> Iterator[bytes]:
 
 
 def _legacy_pickles() -> Iterator[bytes]:
-    data = (FIXTURES / "imagenet_style_legacy.pth").read_bytes()
-    pos = 0
-    for _ in range(5):  # magic, protocol, sys_info, the object, the storage keys
-        end = unpickle(data, pos).end
-        yield data[pos:end]
-        pos = end
+    # torch 2.x, and Python 2-era files (OrderedDict(items), SHORT_BINSTRING, LONG1, old
+    # rebuild functions and storage types)
+    for name in ("imagenet_style_legacy.pth", "wild/lpips_v0.1_alex.pth", "wild/py2_adam.pth"):
+        data = (FIXTURES / name).read_bytes()
+        pos = 0
+        for _ in range(5):  # magic, protocol, sys_info, the object, the storage keys
+            end = unpickle(data, pos).end
+            yield data[pos:end]
+            pos = end
 
 
 def _handmade_pickles() -> Iterator[bytes]:

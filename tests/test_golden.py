@@ -50,6 +50,14 @@ CASES: dict[str, tuple[list[str], int]] = {
     "convert_to_muon_1d": (["convert", "{F}/optim_adamw_named.pt", "--to", "muon"], 1),
     "set_lr_keep_ratios": (["set-lr", "{T}/optim_adam.pt", "1e-4", "--keep-ratios"], 0),
     "merge_groups_no_names": (["merge-groups", "{F}/hf_trainer/checkpoint-4", "--dry-run"], 1),
+    # checkpoints from the wild (fixtures/make_wild.py)
+    "show_wild_lpips_v01": (["show", "{F}/wild/lpips_v0.1_alex.pth"], 0),
+    "show_wild_lpips_v00": (["show", "{F}/wild/lpips_v0.0_alex.pth"], 0),
+    "show_wild_dists": (["show", "{F}/wild/dists_weights.pt"], 0),
+    "show_wild_py2_adam": (["show", "{F}/wild/py2_adam.pth"], 0),
+    "show_wild_scripted": (["show", "{F}/wild/scripted.pt"], 0),
+    "show_wild_traced": (["show", "{F}/wild/traced.pt"], 0),
+    "dry_run_move_wild_traced": (["move", "{F}/wild/traced.pt", "cuda", "--dry-run"], 0),
 }
 
 

@@ -42,6 +42,9 @@ def _torch_files(kind: str) -> list[str]:
         with open(p, "rb") as fh:
             head = fh.read(4)
         if kind == "zip" and head == b"PK\x03\x04":
+            with zipfile.ZipFile(p) as z:  # TorchScript archives: not torch.save files
+                if any(n.endswith("/constants.pkl") for n in z.namelist()):
+                    continue
             out.append(p)
         elif kind == "legacy" and head[:2] == b"\x80\x02":
             out.append(p)

@@ -1,8 +1,9 @@
 """``move``: change the device tag of every storage (no tensor bytes are read or written).
 
 torch.save always writes bytes from a CPU copy; the device is only the ``location`` string of
-each storage's persistent id. ``step`` stays on the CPU unless its group is capturable or
-fused, which is where torch's optimizers keep it. RNG-state files (the Trainer's
+each storage's persistent id (in a TorchScript archive: the storages of ``data.pkl``,
+``constants.pkl`` and ``traced_inputs.pkl`` alike). ``step`` stays on the CPU unless its group
+is capturable or fused, which is where torch's optimizers keep it. RNG-state files (the Trainer's
 ``rng_state*.pth``, accelerate's ``random_states_*.pkl``) stay on the CPU too:
 ``torch.set_rng_state`` only takes a CPU ByteTensor, even for CUDA generators' states.
 """
@@ -65,6 +66,9 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> Plan:
     found = storages(ckpt.resolve(pointer), pointer)
     moved = kept_steps = kept_rng = 0
     opaque_at: dict[str, int] = {}
+    # a TorchScript archive's tree is {"data.pkl": module, "constants.pkl": ...}: say per pickle
+    script = not ckpt.is_folder and ckpt.files[0].format == "torchscript"
+    per_pickle: dict[str, int] = {}
     for sid, (ptr, st, in_opaque) in found.items():
         rng = ckpt.is_folder and bool(_RNG_FILE.match(ckpt.file_for(ptr).name))
         target = "cpu" if sid in cpu_steps or rng else loc
@@ -75,7 +79,10 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> Plan:
             continue
         ed.substitute(st, st.retagged(target), ptr, st.location, target)
         moved += 1
-        if in_opaque:
+        if script:
+            pkl = ptr.split("/")[1] if ptr.count("/") else ptr
+            per_pickle[pkl] = per_pickle.get(pkl, 0) + 1
+        elif in_opaque:
             top = opaque_top(ptr)
             opaque_at[top] = opaque_at.get(top, 0) + 1
     total = len(found)
@@ -85,6 +92,9 @@ def move(ckpt: Checkpoint, device: str, pointer: str = "") -> Plan:
         summary = f"move: all {total} storages are already where they belong; no changes"
     else:
         summary = f"move: {moved} of {total} storages now on {loc}"
+        if per_pickle:
+            summary += " (" + ", ".join(f"{n} in {p}" for p, n in per_pickle.items()) + \
+                " of the TorchScript archive)"
         if opaque_at:
             summary += " (" + ", ".join(f"{n} inside the pickled object at {p}"
                                         for p, n in opaque_at.items()) + ")"

@@ -76,4 +76,7 @@ def read_legacy(path: str, data: bytes, file_size: int) -> tuple[Unpickled, dict
         for q, g in u.globals.items():
             globals_.setdefault(q, g)
     meta = {"sys_info": info.root, "end": off, "globals": globals_, "safety": safety}
+    latin1 = [u.latin1_at for u in (magic, proto, info, main, keys) if u.latin1_at is not None]
+    if latin1:
+        meta["latin1_at"] = latin1[0]
     return main, meta

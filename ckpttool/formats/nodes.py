@@ -39,8 +39,12 @@ TENSOR_REBUILDERS = frozenset({
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2",
     "torch._utils._rebuild_tensor_v3",
 })
+# ``_rebuild_parameter(data, requires_grad, backward_hooks)``, ``_rebuild_parameter_with_state(
+# data, requires_grad, backward_hooks, state)`` and, as torch 0.4 pickled it, ``Parameter(data,
+# requires_grad)`` (REDUCE or NEWOBJ): a Parameter around the tensor node ``data``
 PARAMETER_REBUILDERS = frozenset({
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch.nn.parameter.Parameter",
 })
 # ``_rebuild_from_type_v2(func, new_type, args, state)``: a tensor subclass or a tensor with
 # Python attributes (FSDP1 full state dicts: ``_has_been_cloned``), rebuilt by ``func(*args)``

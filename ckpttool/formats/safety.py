@@ -341,6 +341,9 @@ class Safety:
             more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
             return f"UNSAFE: loading it would run {named}{more}: {bad[0].why}" if bad else \
                 "UNSAFE: " + "; ".join(self.reasons)
+        if self.trust_globals == ["torch.jit.load"]:  # a TorchScript archive, nothing else
+            return "needs-trust: " + next(c.why for c in self.calls
+                                          if c.global_ == "torch.jit.load")
         names = ", ".join(self.trust_globals[:6])
         more = f" and {len(self.trust_globals) - 6} more" if len(self.trust_globals) > 6 else ""
         return (f"needs-trust: torch.load needs weights_only=False for {names}{more}; "

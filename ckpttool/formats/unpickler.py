@@ -62,6 +62,8 @@ class Unpickled:
         self.end = end  # offset just past STOP
         self.globals = globals_  # qualname -> Global (first one met)
         self.storages = storages  # key -> Storage, in the order met
+        # offset of the first Python 2 string that is not UTF-8 (read as Latin-1), or None
+        self.latin1_at: int | None = None
 
 
 def _evaluate_builtin(func: Global, args: tuple[Any, ...],
@@ -70,6 +72,15 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     q = func.qualname.replace("__builtin__.", "builtins.")
     if q == "collections.OrderedDict" and args == ():
         return collections.OrderedDict()
+    if q == "collections.OrderedDict" and len(args) == 1 and _pairs(args[0]):
+        # Python 2 pickled an OrderedDict as one call on its items: a list of [key, value]
+        # lists (or a tuple of (key, value) tuples); torch's weights_only loader calls it too
+        keys = [p[0] for p in args[0]]
+        check_hashable(keys)
+        try:
+            return collections.OrderedDict((p[0], p[1]) for p in args[0])
+        except TypeError:  # an unhashable key: keep the call as recorded
+            return NotImplemented
     if q == "collections.Counter" and (args == () or (len(args) == 1 and isinstance(args[0], dict))):
         return collections.Counter(*args)
     if q == "_codecs.encode" and len(args) == 2 and isinstance(args[0], str) \
@@ -98,6 +109,12 @@ def _evaluate_builtin(func: Global, args: tuple[Any, ...],
     if q == "builtins.bytearray" and len(args) == 1 and isinstance(args[0], bytes):
         return bytearray(args[0])
     return NotImplemented
+
+
+def _pairs(items: Any) -> bool:
+    """A list or tuple of 2-item lists or tuples (``dict(items)`` would take it)."""
+    return isinstance(items, (list, tuple)) and all(
+        type(p) in (list, tuple) and len(p) == 2 for p in items)
 
 
 def _known_attribute(args: tuple[Any, ...]) -> str | None:
@@ -151,6 +168,7 @@ class _Reader:
         self.calls: dict[tuple[str, str, str], Call] = {}
         self.unplaced: list[Call] = []  # new records of the call being read, without a node
         self.value_levels: dict[tuple[str, str], tuple[str, str]] = {}
+        self.latin1_at: int | None = None  # the first Python 2 string that is not UTF-8
 
     # -- helpers ---------------------------------------------------------------------------
     def fail(self, what: str) -> PickleError:
@@ -327,7 +345,9 @@ class _Reader:
                 value = _evaluate_builtin(func, args, self.check_hashable)
                 if value is not NotImplemented:
                     return value
-            if func.qualname in TENSOR_REBUILDERS or func.qualname in PARAMETER_REBUILDERS \
+            if func.qualname in TENSOR_REBUILDERS \
+                    or (func.qualname in PARAMETER_REBUILDERS and args
+                        and isinstance(args[0], TensorRef)) \
                     or (func.qualname in FROM_TYPE_REBUILDERS and _wraps_tensor(args)):
                 t = TensorRef(func, args, kind)
                 if func.qualname in TENSOR_REBUILDERS:
@@ -623,16 +643,23 @@ def _unicode(r: _Reader) -> None:
         raise r.fail("bad UNICODE escape") from None
 
 
-def _py2_str(b: bytes) -> str:
-    # torch.load unpickles Python 2 strings with encoding="utf-8"
+def _py2_str(r: _Reader, b: bytes, at: int) -> str:
+    """A Python 2 ``str`` as torch.load decodes it: ``encoding="utf-8"`` (its default, strict,
+    in both its loaders). Bytes that are not UTF-8 (a Python 2 numpy scalar's or array's data,
+    a Latin-1 name) make that fail; they are read as ``torch.load(..., encoding="latin1")``
+    reads them, and the offset of the first one's opcode (``at``) is kept (``latin1_at``) so
+    the file can say so."""
     try:
         return b.decode("utf-8")
     except UnicodeDecodeError:
+        if r.latin1_at is None:
+            r.latin1_at = at
         return b.decode("latin-1")
 
 
 @_op(b"S")
 def _string(r: _Reader) -> None:
+    at = r.pos - 1
     line = r.readline()
     if len(line) < 2 or line[:1] != line[-1:] or line[:1] not in (b"'", b'"'):
         raise r.fail("bad STRING")
@@ -640,20 +667,22 @@ def _string(r: _Reader) -> None:
         with warnings.catch_warnings():
             # an unknown escape such as \q is kept as is (as pickle does), but Python warns
             warnings.simplefilter("ignore", DeprecationWarning)
-            r.push(_py2_str(codecs.escape_decode(line[1:-1])[0]))
+            r.push(_py2_str(r, codecs.escape_decode(line[1:-1])[0], at))
     except ValueError:
         raise r.fail("bad STRING escape") from None
 
 
 @_op(b"T")
 def _binstring(r: _Reader) -> None:
+    at = r.pos - 1
     size = _i32(r.read(4))[0]
-    r.push(_py2_str(bytes(r.read(size))))
+    r.push(_py2_str(r, bytes(r.read(size)), at))
 
 
 @_op(b"U")
 def _short_binstring(r: _Reader) -> None:
-    r.push(_py2_str(bytes(r.read(r.read(1)[0]))))
+    at = r.pos - 1
+    r.push(_py2_str(r, bytes(r.read(r.read(1)[0])), at))
 
 
 @_op(b"B")
@@ -1102,4 +1131,6 @@ def unpickle(data: bytes | memoryview, pos: int = 0,
         e.safety = r.safety()  # what loading would have run before the break
         raise
     check_shape(root)
-    return Unpickled(root, r.pos, r.globals, r.storages, r.tensors, r.safety())
+    out = Unpickled(root, r.pos, r.globals, r.storages, r.tensors, r.safety())
+    out.latin1_at = r.latin1_at
+    return out
