@@ -344,6 +344,8 @@ class Safety:
         if self.trust_globals == ["torch.jit.load"]:  # a TorchScript archive, nothing else
             return "needs-trust: " + next(c.why for c in self.calls
                                           if c.global_ == "torch.jit.load")
+        if not self.trust_globals:  # nothing imported: the pickle's form alone
+            return "needs-trust: " + "; ".join(self.reasons)
         names = ", ".join(self.trust_globals[:6])
         more = f" and {len(self.trust_globals) - 6} more" if len(self.trust_globals) > 6 else ""
         return (f"needs-trust: torch.load needs weights_only=False for {names}{more}; "

@@ -169,6 +169,7 @@ class _Reader:
         self.unplaced: list[Call] = []  # new records of the call being read, without a node
         self.value_levels: dict[tuple[str, str], tuple[str, str]] = {}
         self.latin1_at: int | None = None  # the first Python 2 string that is not UTF-8
+        self.foreign_ops: set[int] = set()  # opcodes torch's weights-only unpickler refuses
 
     # -- helpers ---------------------------------------------------------------------------
     def fail(self, what: str) -> PickleError:
@@ -371,6 +372,10 @@ class _Reader:
         out.calls.sort(key=lambda c: c.level != UNSAFE)
         for c in out.calls:
             out.add_reason(c.level, f"{c.global_}: {c.why}")
+        if self.foreign_ops:
+            names = ", ".join(sorted(_opname(o) for o in self.foreign_ops))
+            out.add_reason(NEEDS_TRUST, f"the pickle uses opcodes torch.load(weights_only=True) "
+                                        f"does not read ({names})")
         return out
 
     def check_tensor(self, t: TensorRef) -> None:
@@ -418,6 +423,7 @@ class _Reader:
         stack = self.stack
         count = 0
         u32 = _u32
+        short_unicode = False
         while True:
             if pos >= n:
                 self.pos = pos
@@ -457,7 +463,8 @@ class _Reader:
                                          "or corrupt)")
                 stack.append(data[pos])
                 pos += 1
-            elif op == 0x8C:  # SHORT_BINUNICODE
+            elif op == 0x8C:  # SHORT_BINUNICODE (protocol 4: not in torch's weights-only set)
+                short_unicode = True
                 if pos >= n or pos + 1 + data[pos] > n:
                     self.pos = pos
                     raise self.truncated("needs more bytes but the pickle ends (truncated or "
@@ -493,8 +500,12 @@ class _Reader:
                 stack.append(None)
             elif op == 0x2E:  # STOP
                 self.pos = pos
+                if short_unicode:
+                    self.foreign_ops.add(0x8C)
                 return self.pop()
             else:
+                if op not in WEIGHTS_ONLY_OPCODES:
+                    self.foreign_ops.add(op)
                 handler = dispatch.get(op)
                 if handler is None:
                     self.pos = pos - 1  # the error names the opcode's own offset
@@ -503,6 +514,18 @@ class _Reader:
                 handler(self)
                 pos = self.pos
                 stack = self.stack
+
+
+# The opcodes torch's weights-only unpickler reads (torch/_weights_only_unpickler.py, load):
+# any other one makes torch.load(weights_only=True) fail with "Unsupported operand", whatever
+# the globals are.
+WEIGHTS_ONLY_OPCODES = frozenset(
+    b"c\x81Rbaesu(t\x85\x86\x87N\x89\x88)]}\x8fJKMGXUQhjqr\x8a\x80.")  # GLOBAL ... STOP
+
+
+def _opname(op: int) -> str:
+    import pickletools  # only to name an opcode in a verdict
+    return next((o.name for o in pickletools.opcodes if ord(o.code) == op), f"0x{op:02x}")
 
 
 def _op(code: bytes) -> Callable[[Callable[[_Reader], None]], Callable[[_Reader], None]]:
