@@ -92,7 +92,7 @@ def show(path: str, as_json: bool, pointer: str | None, show_all: bool, stats: b
             run = open_run(path)
             click.echo(json.dumps(run_json(run), indent=2) if as_json else run_text(run))
             return
-        ckpt = open_checkpoint(path, one=as_one)
+        ckpt = open_checkpoint(path, one=True) if as_one else open_checkpoint(path)
         if as_json:
             click.echo(json.dumps(show_json(ckpt, pointer, stats), indent=2))
         else:

@@ -364,7 +364,7 @@ class _Differ:
             return None
         if x.numel == 0:
             return True
-        (rx, offx, nx, geomx, wholex), (ry, offy, ny, geomy, wholey) = sx, sy
+        (rx, _, _, geomx, wholex), (ry, _, _, geomy, wholey) = sx, sy
         read_before = self.out.bytes_read
         cx, cy = self._crc(rx), self._crc(ry)
         same_storage = cx == cy and rx.size == ry.size

@@ -92,7 +92,7 @@ def _chunks(t: Any, fd: Callable[[str], int]) -> Any:
         arr = np.frombuffer(raw, dtype=np.dtype((np.void, size)))
         view = np.lib.stride_tricks.as_strided(arr, shape=t.shape,
                                                strides=[s * size for s in t.stride])
-        flat = memoryview(np.ascontiguousarray(view)).cast("B")
+        flat = memoryview(np.ascontiguousarray(view).tobytes())
         for i in range(0, total, _ELEMS * size):
             yield flat[i:i + _ELEMS * size]
         return
