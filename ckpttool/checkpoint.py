@@ -803,8 +803,8 @@ def open_checkpoint(path: str | os.PathLike[str], *, one: bool = False) -> Check
                 f"a folder of {len(members)} independent checkpoint"
                 f"{'s' if len(members) != 1 else ''} ({shown}), not one checkpoint", path=p,
                 hint=f"name one (for example {os.path.join(p, members[-1])}); `ckpttool show "
-                     f"{p}` lists them; --one (library: one=True) reads every file in it as "
-                     "parts of one checkpoint")
+                     f"{p}` lists them (show --one and diff --one, library: one=True, read "
+                     "every file in it as parts of one checkpoint)")
     if layout == "dcp":
         return _open_dcp(p, names)
     kind = layout if layout in ("hf-trainer", "accelerate") else "folder"

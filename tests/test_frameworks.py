@@ -307,7 +307,8 @@ def test_deepspeed_run_folder_follows_latest(tmp_path: Path) -> None:
     assert str(e.value) == (
         f"{run_dir}: a folder of 1 independent checkpoint (global_step3/), not one checkpoint; "
         f"name one (for example {run_dir / 'global_step3'}/); `ckpttool show {run_dir}` lists "
-        "them; --one (library: one=True) reads every file in it as parts of one checkpoint")
+        "them (show --one and diff --one, library: one=True, read every file in it as parts of "
+        "one checkpoint)")
 
 
 def test_deepspeed_zero_partitions_per_param() -> None:

@@ -50,6 +50,14 @@ CASES: dict[str, tuple[list[str], int]] = {
     "convert_to_muon_1d": (["convert", "{F}/optim_adamw_named.pt", "--to", "muon"], 1),
     "set_lr_keep_ratios": (["set-lr", "{T}/optim_adam.pt", "1e-4", "--keep-ratios"], 0),
     "merge_groups_no_names": (["merge-groups", "{F}/hf_trainer/checkpoint-4", "--dry-run"], 1),
+    "show_run_loop": (["show", "{F}/runs/loop"], 0),
+    "show_run_lightning_topk": (["show", "{F}/runs/lightning_topk"], 0),
+    "diff_consecutive_epochs": (["diff", "{F}/runs/loop/epoch_1.pt", "{F}/runs/loop/epoch_2.pt"],
+                                1),
+    "diff_legacy_zip": (["diff", "{F}/imagenet_style_legacy.pth", "{F}/imagenet_style.pth"], 0),
+    "diff_no_such_optimizer": (["diff", "{F}/runs/loop/epoch_1.pt", "{F}/optim_adam.pt",
+                                "--optimizer", "/optim"], 2),
+    "set_lr_run_folder": (["set-lr", "{F}/runs/loop", "1e-4"], 1),
 }
 
 
