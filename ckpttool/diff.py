@@ -135,6 +135,10 @@ def _same_scalar(x: Any, y: Any) -> bool:
         return False
 
 
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _same_value(x: Any, y: Any) -> bool:
     """Tiny tensors' values (nested lists of numbers), NaN equal to NaN."""
     if isinstance(x, list) and isinstance(y, list):
@@ -237,6 +241,9 @@ class _Differ:
                 self._add(pa, "value", x, y, pb, name)
         elif isinstance(x, Storage) and isinstance(y, Storage):
             if x.location != y.location or x.numel != y.numel:
+                self._add(pa, "value", x, y, pb, name)
+        elif _number(x) and _number(y):  # 0 and 0.0 are the same hyperparameter
+            if not (x == y or (x != x and y != y)):
                 self._add(pa, "value", x, y, pb, name)
         elif type(x) is not type(y):
             self._add(pa, "type", x, y, pb, name)
