@@ -434,9 +434,13 @@ class _Differ:
 
     # -- --values --------------------------------------------------------------------------
     def _read_values(self) -> None:
-        from .diffvalues import compare_values
-        for d, x, y in self.pending:
-            d.values, n = compare_values(x, y, self._fd)
+        from .diffvalues import compare_all
+        for _, x, y in self.pending:  # opened here: the worker threads only read the dict
+            for t in (x, y):
+                self._fd(t.path if isinstance(t, SafeTensor) else t.storage.record.path)
+        results = compare_all([(x, y) for _, x, y in self.pending], self._fd)
+        for (d, _, _), (values, n) in zip(self.pending, results):
+            d.values = values
             self.out.bytes_read += n
 
     # -- folders ---------------------------------------------------------------------------
