@@ -178,6 +178,32 @@ class Checkpoint:
                            f"{len(df)} data file{'s' if len(df) != 1 else ''} ("
                            + ", ".join(f"{n} {s} bytes" for n, s in df.items()) + ")")
                 out += f.extra.get("dcp_notes", [])
+        inner = self.inner_checkpoints
+        if inner:
+            out.append(f"{len(inner)} checkpoint folder{'s' if len(inner) != 1 else ''} inside ("
+                       + ", ".join(inner[:4]) + (", ..." if len(inner) > 4 else "")
+                       + f"), not part of this one: `ckpttool show --run {self.path}` lists "
+                       "them")
+        return out
+
+    @cached_property
+    def inner_checkpoints(self) -> list[str]:
+        """Subfolders of a folder checkpoint that hold checkpoints of their own (a
+        transformers output folder with the final model on top and ``checkpoint-N/`` below)."""
+        if not self.is_folder:
+            return []
+        from .run import run_members
+        out = []
+        for o in self.other_files:
+            p = os.path.join(self.path, o.rstrip("/"))
+            if not o.endswith("/") or os.path.islink(p):
+                continue
+            try:
+                names = sorted(os.listdir(p))
+            except OSError:
+                continue
+            if folder_layout(p, names) not in ("run", "deepspeed-run") or run_members(p):
+                out.append(o)
         return out
 
     @cached_property

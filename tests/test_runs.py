@@ -174,3 +174,20 @@ def test_run_flags(tmp_path: Path) -> None:
     doc = json.loads(run("show", FIXTURES / "deepspeed", "--run", "--json").stdout)
     assert [(x["path"], x["global_step"]) for x in doc["checkpoints"]] == [("global_step3/", 3)]
     assert doc["other_files"] == ["latest", "zero_to_fp32.py", "zero_to_torch.py"]
+
+
+def test_a_model_folder_with_checkpoint_folders_inside(tmp_path: Path) -> None:
+    """A transformers output folder: the final model on top (one checkpoint), checkpoint-N/
+    below: show reads the top and says how to list the rest."""
+    out = tmp_path / "output"
+    shutil.copytree(FIXTURES / "hf_trainer" / "checkpoint-4", out / "checkpoint-4")
+    for n in ("config.json", "model.safetensors"):
+        shutil.copy(FIXTURES / "hf_trainer" / "checkpoint-4" / n, out / n)
+    (out / "runs").mkdir()
+    ckpt = ckpttool.open(out)
+    assert ckpt.kind == "folder" and ckpt.inner_checkpoints == ["checkpoint-4/"]
+    assert ckpt.notes == [f"1 checkpoint folder inside (checkpoint-4/), not part of this one: "
+                          f"`ckpttool show --run {out}` lists them"]
+    doc = json.loads(run("show", out, "--run", "--json").stdout)
+    assert [x["path"] for x in doc["checkpoints"]] == ["checkpoint-4/", "model.safetensors"]
+    assert doc["other_files"] == ["config.json"]
