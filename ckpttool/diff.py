@@ -83,6 +83,7 @@ class DiffResult:
     by_crc: int = 0  # decided from the archives' CRC-32, no byte read
     by_bytes: int = 0  # decided by reading bytes (views of changed storages, no CRC)
     unread: int = 0  # bytes not comparable (DCP chunks, new tensors not written yet)
+    reshaped: int = 0  # another shape or dtype: elements not compared
     bytes_read: int = 0
 
     @property
@@ -345,6 +346,7 @@ class _Differ:
         out = self.out
         out.tensors += 1
         if tuple(x.shape) != tuple(y.shape) or x.dtype != y.dtype:
+            out.reshaped += 1
             self._add(pa, "tensor", _describe(x), _describe(y), pb, name)
             return
         if x.device != y.device:

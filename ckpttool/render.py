@@ -454,6 +454,8 @@ def diff_summary(result: DiffResult) -> str:
     how = (f"{result.tensors} tensor{'s' if result.tensors != 1 else ''} compared: "
            + (f"{result.by_value} by their values (tiny), " if result.by_value else "")
            + f"{result.by_crc} by CRC-32, {result.by_bytes} by reading bytes")
+    if result.reshaped:
+        how += f", {result.reshaped} of another shape or dtype"
     if result.unread:
         how += f", {result.unread} by metadata only (bytes not comparable)"
     how += f"; {_human(result.bytes_read)} read"
@@ -500,6 +502,7 @@ def diff_json(result: DiffResult) -> dict[str, Any]:
         "notes": result.notes,
         "compared": {"tensors": result.tensors, "by_value": result.by_value,
                      "by_crc": result.by_crc,
-                     "by_bytes": result.by_bytes, "metadata_only": result.unread,
+                     "by_bytes": result.by_bytes, "shape_or_dtype": result.reshaped,
+                     "metadata_only": result.unread,
                      "bytes_read": result.bytes_read},
     }

@@ -319,7 +319,11 @@ def test_exit_codes_and_errors(tmp_path: Path) -> None:
     assert doc["equal"] is False and doc["a"] == str(LOOP / "epoch_1.pt")
     assert {d["pointer"].split("/")[2] for d in doc["differences"]} == {"state", "param_groups"}
     assert doc["compared"] == {"tensors": 12, "by_value": 6, "by_crc": 6, "by_bytes": 0,
-                               "metadata_only": 0, "bytes_read": 0}
+                               "shape_or_dtype": 0, "metadata_only": 0, "bytes_read": 0}
+    r = run("diff", FIXTURES / "bf16.pt", FIXTURES / "cuda0.pt", code=1)
+    assert r.stdout.splitlines()[-1] == (
+        "12 differences (12 tensor shape/dtype/device); 16 tensors compared: 4 by their values "
+        "(tiny), 0 by CRC-32, 0 by reading bytes, 12 of another shape or dtype; 0 B read")
     assert doc["differences"][0] == {"pointer": "/optimizer/state/0/step", "kind": "value",
                                      "before": {"shape": [], "dtype": "float32",
                                                 "device": "cpu", "value": 2.0},
