@@ -654,12 +654,13 @@ CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 # the files of a DeepSpeed tag folder (global_stepN/): model, ZeRO rank and pipeline layer files
 _DEEPSPEED_PART = re.compile(r"(mp_rank_\d+_model_states|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+"
                              r"_optim_states|layer_\d+-model_\d+-model_states)\.pt$")
-# file stems that name a part of one checkpoint, not a checkpoint (accelerate adds ``_1``,
-# sharded weights ``-00001-of-00002``)
+# file stems that name a part of one checkpoint, not a checkpoint (sharded weights add
+# ``-00001-of-00002``; a number alone, ``model_3.pt``, is an epoch: accelerate's ``model_1``
+# files come with its ``optimizer.bin`` and are told by that)
 _PART_STEM = re.compile(r"(model|optimizer|optim|scheduler|lr_scheduler|sched|ema|model_ema|"
                         r"scaler|grad_scaler|amp|rng_state|rng_state_\d+|random_states|"
                         r"training_args|trainer_state|pytorch_model|adapter_model|generator|"
-                        r"discriminator)([_-]\d+|-\d+-of-\d+)?$")
+                        r"discriminator)(-\d+-of-\d+)?$")
 
 
 def folder_layout(path: str, names: list[str]) -> str:

@@ -120,6 +120,11 @@ def test_part_names_are_one_checkpoint_and_the_rest_a_run(tmp_path: Path) -> Non
     doc = json.loads(run("show", parts, "--run", "--json").stdout)
     assert [(r["path"], [o["lrs"] for o in r["optimizers"]]) for r in doc["checkpoints"]] == [
         ("model.pt", []), ("optimizer.pt", [[0.1]])]  # no steps stored: by path
+    numbered = tmp_path / "numbered"  # model_N.pt: one file per epoch, not parts
+    numbered.mkdir()
+    for n in (1, 2):
+        torch.save({"epoch": n, "model": model.state_dict()}, numbered / f"model_{n}.pt")
+    assert is_run(numbered) and [e.epoch for e in open_run(numbered).entries] == [1, 2]
     # two independent files: a run; --one reads them as one folder (as ckpttool did before)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
