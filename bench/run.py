@@ -10,6 +10,9 @@
   (588 records; make_ckpt.py --optim sgd; --quick: ~130 MB), measured against torch.load +
   the same conversion by hand + torch.save; `--only convert` runs just that part, `--only
   main` everything else;
+* `--only diff`: `ckpttool diff` and `diff --values` of the big file and its "next epoch"
+  (every tensor x 1.001, built once with torch and cached beside it), against two
+  torch.load(mmap=True) and a comparing walk (`--quick --only diff --runs 1` is the small run);
 * runs every operation as a fresh subprocess: one warm-up run (also warms the page
   cache), then 3 timed runs; reports the median wall time and the median peak RSS of
   the child (os.wait4 rusage ru_maxrss, exact for the child process);
