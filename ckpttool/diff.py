@@ -172,7 +172,8 @@ class _Differ:
                 self._add("", "safety", a.safety.level, b.safety.level)
             if optimizer is not None:
                 oa, ob = a.optimizer(optimizer), b.optimizer(optimizer)
-                self._match_optimizer(oa, ob)
+                if not (oa.flattened or ob.flattened):
+                    self._match_optimizer(oa, ob)
                 self._cmp(a.resolve(optimizer), b.resolve(optimizer), optimizer, optimizer, 0)
             elif a.is_folder != b.is_folder:
                 self._add("", "type", f"{'folder' if a.is_folder else 'file'} ({a.format})",
