@@ -10,6 +10,9 @@
   (588 records; make_ckpt.py --optim sgd; --quick: ~130 MB), measured against torch.load +
   the same conversion by hand + torch.save; `--only convert` runs just that part, `--only
   main` everything else;
+* `--only diff`: `ckpttool diff` and `diff --values` of the big file and its "next epoch"
+  (every tensor x 1.001, built once with torch and cached beside it), against two
+  torch.load(mmap=True) and a comparing walk (`--quick --only diff --runs 1` is the small run);
 * runs every operation as a fresh subprocess: one warm-up run (also warms the page
   cache), then 3 timed runs; reports the median wall time and the median peak RSS of
   the child (os.wait4 rusage ru_maxrss, exact for the child process);
@@ -47,7 +50,7 @@ QUICK = {"big": (322, "400 MB"), "small": (32, "4 MB")}
 # 2 x params x 4 bytes (width 712: 163.0M params, 1.304 GB; width 225: 0.131 GB)
 SGD_FULL = (712, "1.3 GB")
 SGD_QUICK = (225, "130 MB")
-PARTS = ("main", "convert", "check")
+PARTS = ("main", "convert", "check", "diff")
 PAIRS: dict[str, tuple[list[float], list[float], list[int], list[float]]] = {}
 
 # Peak RSS: ru_maxrss from wait4() of the measured process.  A child forked
@@ -180,10 +183,11 @@ def run_once(argv, before=None):
     return wall, rss, rc, out, err
 
 
-def measure(argv, before=None, check=None, runs=None) -> Result:
-    """One warm-up run (checked), then `runs` timed runs."""
+def measure(argv, before=None, check=None, runs=None, ok_rc=(0,)) -> Result:
+    """One warm-up run (checked), then `runs` timed runs; an exit code outside ``ok_rc`` is a
+    failure (``diff`` exits 1 for "different")."""
     _, _, rc, out, err = run_once(argv, before)
-    if rc != 0:
+    if rc not in ok_rc:
         if rc == 2 and "No such command" in err:
             return Result(error="not available")
         last = (err.strip().splitlines() or ["?"])[-1]
@@ -197,7 +201,7 @@ def measure(argv, before=None, check=None, runs=None) -> Result:
     walls, rss = [], []
     for _ in range(runs or RUNS):
         w, m, rc, _, err = run_once(argv, before)
-        if rc != 0:
+        if rc not in ok_rc:
             last = (err.strip().splitlines() or ["?"])[-1]
             return Result(error=f"failed (exit {rc}: {last[:120]})")
         walls.append(w)
@@ -381,6 +385,58 @@ opt.step()
 print("ok")
 """
 
+# the next "epoch" of a checkpoint, for `diff`: every tensor of model and optimizer state
+# changed (x * 1.001), step + 1, epoch + 1, lr halved; built once with torch (not timed)
+NEXT_EPOCH = r"""
+import sys, torch
+ck = torch.load(sys.argv[1], mmap=True, weights_only=True)
+ck["epoch"] += 1
+ck["global_step"] += 1
+ck["model"] = {k: (v * 1.001 if v.is_floating_point() else v) for k, v in ck["model"].items()}
+for st in ck["optimizer"]["state"].values():
+    for k in list(st):
+        st[k] = st[k] + 1 if k == "step" else st[k] * 1.001
+for g in ck["optimizer"]["param_groups"]:
+    g["lr"] /= 2
+torch.save(ck, sys.argv[2])
+"""
+
+# the obvious alternative to `ckpttool diff`: two torch.load(mmap=True) and a walk comparing
+# every value (torch.equal for tensors); with "values", max |b - a|, |b - a| / |a| and norms of
+# the tensors that differ, as `diff --values` reports them
+TORCH_DIFF = r"""
+import sys, torch
+a = torch.load(sys.argv[1], mmap=True, weights_only=True)
+b = torch.load(sys.argv[2], mmap=True, weights_only=True)
+values = len(sys.argv) > 3
+out = []
+def walk(x, y, p):
+    if isinstance(x, torch.Tensor):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            out.append((p, "tensor"))
+        elif not torch.equal(x, y):
+            if values:
+                d = (y.double() - x.double())
+                out.append((p, float(d.abs().max()), float(d.norm() / x.double().norm()),
+                            float(x.double().norm()), float(y.double().norm())))
+            else:
+                out.append((p, "bytes"))
+    elif isinstance(x, dict):
+        for k in x:
+            if k in y:
+                walk(x[k], y[k], f"{p}/{k}")
+            else:
+                out.append((f"{p}/{k}", "removed"))
+        out.extend((f"{p}/{k}", "added") for k in y if k not in x)
+    elif isinstance(x, (list, tuple)):
+        for i, (u, v) in enumerate(zip(x, y)):
+            walk(u, v, f"{p}/{i}")
+    elif x != y:
+        out.append((p, "value"))
+walk(a, b, "")
+print(len(out))
+"""
+
 EDIT_SAVE = r"""
 import sys, torch
 sd = torch.load(sys.argv[1], weights_only=True)
@@ -462,8 +518,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the built input checkpoints in bench/out/")
     ap.add_argument("--only", choices=PARTS,
                     help="run one part: main (show, edits, torch baselines on the 4 GB / 40 MB files), "
-                         "convert (SGD momentum -> Adam on the 1.3 GB file) or check (check and "
-                         "check --deep on the 4 GB file); default: all")
+                         "convert (SGD momentum -> Adam on the 1.3 GB file), check (check and "
+                         "check --deep on the 4 GB file) or diff (diff and diff --values of the "
+                         "4 GB file and its next epoch); default: all")
     ap.add_argument("--out", default=None,
                     help="markdown output (default bench/results.md; with --only the table goes to "
                          "stdout only unless --out is given, so a partial run never replaces the "
@@ -592,6 +649,35 @@ def main() -> int:
         m("check deep", ck + ["check", "--deep", str(big)])
         m("torch check", [PY, "-c", TORCH_CHECK, str(big)])
 
+    if "diff" in parts:
+        # two checkpoints a training run would write one epoch apart: every tensor differs
+        big = ensure_ckpt(sizes["big"][0], log)
+        files["big"] = (big, bl)
+        nxt = OUTDIR / f"{big.stem}-next.pt"
+        side = nxt.with_suffix(".json")
+        st = big.stat()
+        stamp = {"source": big.name, "source_size": st.st_size, "source_mtime_ns": st.st_mtime_ns}
+        known = json.loads(side.read_text()) if nxt.exists() and side.exists() else {}
+        if any(known.get(k) != v for k, v in stamp.items()) or \
+                known.get("size") != (nxt.stat().st_size if nxt.exists() else None):
+            if shutil.disk_usage(OUTDIR).free < st.st_size + 1_000_000_000:
+                raise SystemExit("not enough free disk for the second checkpoint of the diff")
+            log(f"building {nxt.name} (the next epoch of {big.name}) ...")
+            r = subprocess.run([PY, "-c", NEXT_EPOCH, str(big), str(nxt)], capture_output=True,
+                               text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"building {nxt} failed:\n{r.stderr}")
+            meta = json.loads(big.with_suffix(".json").read_text())  # same structure
+            side.write_text(json.dumps({**meta, **stamp, "size": nxt.stat().st_size}))
+        files["next"] = (nxt, bl)
+        warm_page_cache(big)
+        warm_page_cache(nxt)
+        # exit 1: "different", as it must be
+        m("diff", ck + ["diff", str(big), str(nxt)], ok_rc=(1,))
+        m("torch diff", [PY, "-c", TORCH_DIFF, str(big), str(nxt)])
+        m("diff values", ck + ["diff", "--values", str(big), str(nxt)], ok_rc=(1,))
+        m("torch diff values", [PY, "-c", TORCH_DIFF, str(big), str(nxt), "values"])
+
     # ------------------------------------------------------------------ tables
     rows: list[tuple] = []
 
@@ -708,6 +794,24 @@ def main() -> int:
             rows[-1] = (op, w, mib, f"{ratio}; {size / R['check deep'].wall / 1e9:.2f} GB/s", tg, pf)
         row(f"torch.load + Adam.load_state_dict + step {bl} (reference)", "torch check")
         body += [f"## check ({bl})", ""] + table(rows) + [""]
+
+    if "diff" in parts:
+        rows = []
+        size = files["big"][0].stat().st_size
+        row(f"`ckpttool diff A B` {bl} each, one epoch apart (CRCs only)", "diff", "torch diff",
+            "torch", "<= 0.5 s, <= 100 MB", lambda r: [r.wall <= 0.5, r.rss_bytes <= 100 * MB])
+        row(f"2x torch.load(mmap) + torch.equal walk {bl} (reference)", "torch diff")
+        row(f"`ckpttool diff --values A B` {bl} each (reads both)", "diff values",
+            "torch diff values", "torch", ">= 1 GB/s of checkpoint",
+            lambda r: [size / r.wall >= 1e9])
+        if R["diff values"].ok:
+            op, w, mib, ratio, tg, pf = rows[-1]
+            rows[-1] = (op, w, mib, f"{ratio}; {size / R['diff values'].wall / 1e9:.2f} GB/s of "
+                        f"checkpoint, {2 * size / R['diff values'].wall / 1e9:.2f} GB/s read",
+                        tg, pf)
+        row(f"2x torch.load(mmap) + max/norms of every tensor {bl} (reference)",
+            "torch diff values")
+        body += [f"## diff ({bl} vs its next epoch)", ""] + table(rows) + [""]
 
     total = time.perf_counter() - t_start
     load = (f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "

@@ -14,7 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 from .checkpoint import Checkpoint, CheckpointFile, open_for_edit
 from .checkpoint import open_checkpoint as open
-from .errors import CkptError, EditError, UnreadableError, UnsafeCheckpointError
+# bound here, at import, so that ``ckpttool.diff`` is the function even though the module
+# ckpttool/diff.py has the same name
+from .diff import Difference, DiffResult, diff
+from .errors import CkptError, EditError, RunFolderError, UnreadableError, UnsafeCheckpointError
+from .run import Run, RunEntry, open_run
 
 __version__ = "0.1.0"
 
@@ -31,6 +35,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ckpttool' has no attribute {name!r}")
 
 
-__all__ = ["Checkpoint", "CheckpointFile", "CkptError", "EditError", "Report",
-           "UnreadableError", "UnsafeCheckpointError", "check", "open", "open_for_edit",
-           "__version__"]
+__all__ = ["Checkpoint", "CheckpointFile", "CkptError", "DiffResult", "Difference", "EditError",
+           "Report", "Run", "RunEntry", "RunFolderError", "UnreadableError",
+           "UnsafeCheckpointError", "__version__", "check", "diff", "open", "open_for_edit",
+           "open_run"]

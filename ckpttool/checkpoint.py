@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import stat
 import struct
 import zlib
@@ -197,6 +198,32 @@ class Checkpoint:
                            f"{len(df)} data file{'s' if len(df) != 1 else ''} ("
                            + ", ".join(f"{n} {s} bytes" for n, s in df.items()) + ")")
                 out += f.extra.get("dcp_notes", [])
+        inner = self.inner_checkpoints
+        if inner:
+            out.append(f"{len(inner)} checkpoint folder{'s' if len(inner) != 1 else ''} inside ("
+                       + ", ".join(inner[:4]) + (", ..." if len(inner) > 4 else "")
+                       + f"), not part of this one: `ckpttool show --run {self.path}` lists "
+                       "them")
+        return out
+
+    @cached_property
+    def inner_checkpoints(self) -> list[str]:
+        """Subfolders of a folder checkpoint that hold checkpoints of their own (a
+        transformers output folder with the final model on top and ``checkpoint-N/`` below)."""
+        if not self.is_folder:
+            return []
+        from .run import run_members
+        out = []
+        for o in self.other_files:
+            p = os.path.join(self.path, o.rstrip("/"))
+            if not o.endswith("/") or os.path.islink(p):
+                continue
+            try:
+                names = sorted(os.listdir(p))
+            except OSError:
+                continue
+            if folder_layout(p, names) not in ("run", "deepspeed-run") or run_members(p):
+                out.append(o)
         return out
 
     @cached_property
@@ -704,6 +731,51 @@ def read_tensor_bytes(tensor: Any) -> bytes:
 # --------------------------------------------------------------------------------------------
 # folders
 
+# files that can be checkpoints of their own in a run folder (timm writes ``.pth.tar``)
+CKPT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+# the files of a DeepSpeed tag folder (global_stepN/): model, ZeRO rank and pipeline layer files
+_DEEPSPEED_PART = re.compile(r"(mp_rank_\d+_model_states|(bf16_)?zero_pp_rank_\d+_mp_rank_\d+"
+                             r"_optim_states|layer_\d+-model_\d+-model_states)\.pt$")
+# file stems that name a part of one checkpoint, not a checkpoint (sharded weights add
+# ``-00001-of-00002``; a number alone, ``model_3.pt``, is an epoch: accelerate's ``model_1``
+# files come with its ``optimizer.bin`` and are told by that)
+_PART_STEM = re.compile(r"(model|optimizer|optim|scheduler|lr_scheduler|sched|ema|model_ema|"
+                        r"scaler|grad_scaler|amp|rng_state|rng_state_\d+|random_states|"
+                        r"training_args|trainer_state|pytorch_model|adapter_model|generator|"
+                        r"discriminator)(-\d+-of-\d+)?$")
+
+
+def folder_layout(path: str, names: list[str]) -> str:
+    """How a folder is read, from its layout (see the README, *Folders: one checkpoint or a
+    run*): ``"deepspeed-run"`` (a ``latest`` file naming a ``global_stepN/``),
+    ``"hf-trainer"``, ``"accelerate"``, ``"dcp"``, ``"folder"`` (another layout of one
+    checkpoint: a DeepSpeed tag folder, a model folder, files named as parts of one
+    checkpoint) or ``"run"`` (a folder of independent checkpoints)."""
+    if _latest_tag(path, names) is not None:
+        return "deepspeed-run"
+    kind = _folder_kind(set(names))
+    if kind != "folder":
+        return kind
+    files = [n for n in names if os.path.isfile(os.path.join(path, n))]
+    if any(_DEEPSPEED_PART.match(n) for n in files):
+        return "folder"
+    if any(n.endswith(".index.json") for n in files) or (
+            ("config.json" in files or "adapter_config.json" in files)
+            and any(n.endswith((".safetensors", ".bin")) for n in files)):
+        return "folder"  # a save_pretrained model folder (sharded or not)
+    ckpts = [n for n in files if n.endswith(CKPT_SUFFIXES)]
+    if ckpts and all(_PART_STEM.fullmatch(_stem(n)) for n in ckpts):
+        return "folder"
+    return "run"
+
+
+def _stem(name: str) -> str:
+    for suffix in (".pth.tar", *CKPT_SUFFIXES):
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 def _folder_kind(names: set[str]) -> str:
     if "trainer_state.json" in names or {"optimizer.pt", "scheduler.pt"} <= names:
         return "hf-trainer"
@@ -815,8 +887,14 @@ def _latest_tag(path: str, names: list[str]) -> str | None:
     return tag
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open a checkpoint file or folder for reading (metadata only; nothing of it runs)."""
+def open_checkpoint(path: str | os.PathLike[str], *, one: bool = False) -> Checkpoint:
+    """Open a checkpoint file or folder for reading (metadata only; nothing of it runs).
+
+    A folder is one checkpoint when its layout says so (:func:`folder_layout`); a folder of
+    independent checkpoints (a run: ``epoch_1.pt``, ``epoch_2.pt``, ...) raises
+    :class:`~ckpttool.errors.RunFolderError` (open one of its files, or list them with
+    :func:`ckpttool.open_run`), unless ``one`` asks to read every file in it as parts of one
+    checkpoint."""
     p = os.fspath(path)
     try:
         st = os.stat(p)
@@ -827,14 +905,28 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not stat.S_ISDIR(st.st_mode):
         return Checkpoint(p, "file", [read_file(p)])
     names = sorted(os.listdir(p))
-    tag = _latest_tag(p, names)
-    if tag is not None:  # a DeepSpeed run folder: `latest` names the checkpoint to resume
+    layout = folder_layout(p, names)
+    if layout == "deepspeed-run":  # `latest` names the checkpoint to resume
+        tag = _latest_tag(p, names)
+        assert tag is not None
         ckpt = open_checkpoint(os.path.join(p, tag))
         ckpt.followed = f"{os.path.join(p, 'latest')} names {tag}"
         return ckpt
-    kind = _folder_kind(set(names))
-    if kind == "dcp":
+    if layout == "run" and not one:
+        from .errors import RunFolderError
+        from .run import run_members
+        members = run_members(p)
+        if members:
+            shown = ", ".join(m for m in members[:4]) + (", ..." if len(members) > 4 else "")
+            raise RunFolderError(
+                f"a folder of {len(members)} independent checkpoint"
+                f"{'s' if len(members) != 1 else ''} ({shown}), not one checkpoint", path=p,
+                hint=f"name one (for example {os.path.join(p, members[-1])}); `ckpttool show "
+                     f"{p}` lists them (show --one and diff --one, library: one=True, read "
+                     "every file in it as parts of one checkpoint)")
+    if layout == "dcp":
         return _open_dcp(p, names)
+    kind = layout if layout in ("hf-trainer", "accelerate") else "folder"
     files = []
     other: list[str] = []
     for n in names:

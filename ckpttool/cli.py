@@ -18,7 +18,10 @@ from . import __version__
 from .errors import CkptError, ExitCode
 
 
-def _run(fn: Callable[[], Any], path: str | None = None) -> Any:
+def _run(fn: Callable[[], Any], path: str | None = None,
+         request_error: ExitCode = ExitCode.ERROR) -> Any:
+    """Run a command; a :class:`CkptError` becomes ``Error: ...`` and its exit code (a request
+    that cannot be done exits ``request_error``: ``diff`` keeps 1 for "different")."""
     try:
         return fn()
     except CkptError as e:
@@ -26,7 +29,8 @@ def _run(fn: Callable[[], Any], path: str | None = None) -> Any:
             e.path = path
             e.args = (e._text(),)
         click.echo(f"Error: {e}", err=True)
-        sys.exit(int(e.exit_code))
+        code = e.exit_code
+        sys.exit(int(request_error if code == ExitCode.ERROR else code))
     except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
         raise
     except Exception:  # a bug in ckpttool: never blame the user's file for it
@@ -43,7 +47,8 @@ def cli() -> None:
 
     Reading never runs code from the file and never imports torch.
     Exit codes: 0 ok, 1 the request cannot be done as asked, 2 bad command line,
-    3 unreadable file, 4 unsafe file, 5 writing failed, 70 internal error.
+    3 unreadable file, 4 unsafe file, 5 writing failed, 70 internal error
+    (diff: 0 equal, 1 different, 2 a request it cannot do).
     """
 
 
@@ -55,21 +60,52 @@ def cli() -> None:
 @click.option("--all", "show_all", is_flag=True, help="List every param, not the first 20.")
 @click.option("--stats", is_flag=True,
               help="Read tensor bytes and add norm, min, max, mean, NaN/Inf counts.")
-def show(path: str, as_json: bool, pointer: str | None, show_all: bool, stats: bool) -> None:
-    """Show the optimizers, schedulers and models in a checkpoint file or folder.
+@click.option("--run", "as_run", is_flag=True,
+              help="A folder: list its checkpoints, one row each (whatever its layout).")
+@click.option("--one", "as_one", is_flag=True,
+              help="A folder: read every file in it as parts of one checkpoint.")
+def show(path: str, as_json: bool, pointer: str | None, show_all: bool, stats: bool,
+         as_run: bool, as_one: bool) -> None:
+    """Show the optimizers, schedulers and models in a checkpoint file or folder; a folder
+    of independent checkpoints (a run) as a table, one row per checkpoint, sorted by step.
 
     Example: ckpttool show ckpt.pth
     """
+    import os
+
     from .checkpoint import open_checkpoint
-    from .render import show_json, show_text
+    from .errors import EditError
+    from .render import run_json, run_text, show_json, show_text
 
     def go() -> None:
-        ckpt = open_checkpoint(path)
+        if as_run and as_one:
+            raise EditError("--run and --one contradict each other; pass one")
+        if (as_run or as_one) and not os.path.isdir(path):
+            raise EditError(f"--{'run' if as_run else 'one'} is for folders; a file is one "
+                            "checkpoint")
+        if not as_one and (as_run or _is_run(path)):
+            if pointer is not None or show_all or stats:
+                raise EditError("--optimizer, --all and --stats are for one checkpoint, and "
+                                "this folder is a run of several",
+                                hint=f"show one of them: ckpttool show {path}/FILE ...")
+            from .run import open_run
+            run = open_run(path)
+            click.echo(json.dumps(run_json(run), indent=2) if as_json else run_text(run))
+            return
+        ckpt = open_checkpoint(path, one=True) if as_one else open_checkpoint(path)
         if as_json:
             click.echo(json.dumps(show_json(ckpt, pointer, stats), indent=2))
         else:
             click.echo(show_text(ckpt, pointer, show_all, stats))
     _run(go, path)
+
+
+def _is_run(path: str) -> bool:
+    from .run import is_run
+    try:
+        return is_run(path)
+    except OSError:  # unlistable: open_checkpoint says why
+        return False
 
 
 def _write_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -392,6 +428,33 @@ def to_dcp_cmd(path: str, output: str, model_order: str | None, force: bool) -> 
         click.echo(f"to-dcp: {r.tensors} tensors and {r.values} other values written{keyed}; "
                    f"wrote {output} (.metadata and __0_0.distcp, {r.size} bytes)")
     _run(go, path)
+
+
+@cli.command("diff")
+@click.argument("a", type=click.Path(readable=False))
+@click.argument("b", type=click.Path(readable=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the differences as JSON (schema 1).")
+@click.option("--values", is_flag=True,
+              help="Read the bytes of tensors that differ: max abs / relative difference, norms.")
+@click.option("--optimizer", metavar="POINTER", help="Only the optimizer at this pointer.")
+@click.option("--one", "as_one", is_flag=True,
+              help="Read folders as one checkpoint whatever their layout.")
+def diff_cmd(a: str, b: str, as_json: bool, values: bool, optimizer: str | None,
+             as_one: bool) -> None:
+    """What changed from checkpoint A to checkpoint B, by JSON Pointer: keys added or
+    removed, values, tensors (shape, dtype, device, bytes by CRC-32), optimizer state matched
+    by parameter name. Exit 0 when equal, 1 when different (2 for a request it cannot do).
+
+    Example: ckpttool diff epoch_10.pt epoch_11.pt
+    """
+    from .diff import diff
+    from .render import diff_json, diff_text
+
+    def go() -> None:
+        result = diff(a, b, values=values, optimizer=optimizer, one=as_one)
+        click.echo(json.dumps(diff_json(result), indent=2) if as_json else diff_text(result))
+        sys.exit(0 if result.equal else 1)
+    _run(go, None, request_error=ExitCode.USAGE)
 
 
 def main() -> None:

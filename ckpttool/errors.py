@@ -89,6 +89,11 @@ class UnsafeCheckpointError(CkptError):
     exit_code = ExitCode.UNSAFE
 
 
+class RunFolderError(CkptError):
+    """The path is a folder of independent checkpoints (a run), where one checkpoint was
+    needed: the message lists them and says how to pick one."""
+
+
 class EditError(CkptError):
     """An edit cannot be applied as asked (unknown key, bad value, impossible change)."""
 

@@ -25,6 +25,8 @@ from .tree import join
 
 if TYPE_CHECKING:
     from .edits.plan import Plan
+    from .diff import DiffResult
+    from .run import Run
 
 SCHEMA_VERSION = 1
 DEFAULT_ROWS = 20
@@ -398,3 +400,144 @@ def _optimizer_text(o: OptimizerState, show_all: bool, tstats: dict[int, dict[st
 
 def _indent(s: str) -> str:
     return "\n".join("  " + line for line in s.splitlines())
+
+
+# ------------------------------------------------------------------------------ runs
+
+def run_json(run: Run) -> dict[str, Any]:
+    """The ``show --json`` document of a run folder (schema 1, ``"kind": "run"``)."""
+    rows = []
+    for e in run.entries:
+        d: dict[str, Any] = {"path": e.path, "format": e.format, "size": e.size,
+                             "epoch": to_json(e.epoch), "step": to_json(e.step),
+                             "global_step": to_json(e.global_step),
+                             "optimizers": [{"pointer": o.pointer, "type": o.type,
+                                             "lrs": to_json(o.lrs), "step": to_json(o.step)}
+                                            for o in e.optimizers],
+                             "schedulers": [{"pointer": s.pointer, "type": s.type,
+                                             "last_epoch": to_json(s.last_epoch)}
+                                            for s in e.schedulers],
+                             "safety": e.safety, "followed": e.followed, "error": e.error}
+        rows.append(d)
+    return {"schema": SCHEMA_VERSION, "kind": "run", "path": run.path, "checkpoints": rows,
+            "other_files": run.other_files}
+
+
+def _lrs(lrs: list[Any]) -> str:
+    return ",".join(fmt(x) for x in lrs)
+
+
+def run_text(run: Run) -> str:
+    """The ``show`` table of a run folder: one row per checkpoint, sorted by step."""
+    import os
+    n = len(run.entries)
+    example = os.path.join(run.path, run.entries[-1].path.rstrip("/"))
+    lines = [f"run:     {run.path} ({n} checkpoint{'s' if n != 1 else ''}, sorted by step; "
+             f"`ckpttool show {example}` shows one)"]
+    rows = []
+    for e in run.entries:
+        if e.error is not None:
+            rows.append([e.path, "unreadable", "", "", "", "", "", "", ""])
+            continue
+        many = len(e.optimizers) > 1
+        opts = "; ".join((f"{o.pointer}: " if many else "") + o.type
+                         + (f" step={fmt(o.step)}" if o.step is not None else "")
+                         + f" lr={_lrs(o.lrs)}" for o in e.optimizers)
+        many = len(e.schedulers) > 1
+        scheds = "; ".join((f"{s.pointer}: " if many else "") + s.type
+                           + (f" last_epoch={fmt(s.last_epoch)}" if s.last_epoch is not None
+                              else "") for s in e.schedulers)
+        rows.append([e.path, e.format, _human(e.size),
+                     *("" if v is None else fmt(v) for v in (e.epoch, e.step, e.global_step)),
+                     opts, scheds, e.safety])
+    lines.append(tabulate(rows, ["path", "format", "size", "epoch", "step", "global_step",
+                                 "optimizers", "schedulers", "safety"]))
+    for e in run.entries:
+        if e.error is not None:
+            lines.append(f"unreadable: {e.path}: {e.error}")
+        if e.followed:
+            lines.append(f"via:     {e.path}: {e.followed}")
+    if run.other_files:
+        lines.append("other files: " + ", ".join(run.other_files))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ diff
+
+_KIND_WORDS = {"added": "added", "removed": "removed", "value": "values", "type": "types",
+               "tensor": "tensor shape/dtype/device", "bytes": "tensors' bytes",
+               "order": "key orders", "reorder": "optimizer reorders", "file": "files",
+               "safety": "safety level"}
+
+
+def _cell(v: Any, kind: str, before: bool) -> str:
+    if v is None and kind in ("added", "removed") and (kind == "added") == before:
+        return "(absent)"
+    text = summary(v) if kind in ("added", "removed", "type") else fmt(v)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def diff_summary(result: DiffResult) -> str:
+    """The last line of ``diff``: what differs, and how the tensors' bytes were compared."""
+    counts: dict[str, int] = {}
+    for d in result.differences:
+        counts[d.kind] = counts.get(d.kind, 0) + 1
+    n = len(result.differences)
+    head = "no differences" if not n else (
+        f"{n} difference{'s' if n != 1 else ''} ("
+        + ", ".join(f"{c} {_KIND_WORDS.get(k, k)}" for k, c in counts.items()) + ")")
+    how = (f"{result.tensors} tensor{'s' if result.tensors != 1 else ''} compared: "
+           + (f"{result.by_value} by their values (tiny), " if result.by_value else "")
+           + f"{result.by_crc} by CRC-32, {result.by_bytes} by reading bytes")
+    if result.reshaped:
+        how += f", {result.reshaped} of another shape or dtype"
+    if result.unread:
+        how += f", {result.unread} by metadata only (bytes not comparable)"
+    how += f"; {_human(result.bytes_read)} read"
+    return f"{head}; {how}"
+
+
+def diff_text(result: DiffResult) -> str:
+    """The ``diff`` report: a table of differences by pointer, notes, then the summary."""
+    rows = []
+    with_values = any(d.values for d in result.differences)
+    for d in result.differences:
+        where = d.pointer or "(root)"
+        if d.pointer_after is not None:
+            where += f" -> {d.pointer_after}"
+        if d.name is not None and d.pointer_after is not None:
+            where += f" ({d.name})"
+        row = [where, d.kind, _cell(d.before, d.kind, True), _cell(d.after, d.kind, False)]
+        if with_values:
+            v = d.values or {}
+            row += ([v["skipped"], "", "", ""] if "skipped" in v else
+                    [fmt(v[k]) if k in v else "" for k in ("max_abs", "rel", "norm_before",
+                                                         "norm_after")])
+        rows.append(row)
+    lines = []
+    if rows:
+        hdr = ["pointer", "change", "before", "after"]
+        if with_values:
+            hdr += ["max_abs", "rel", "norm before", "norm after"]
+        lines.append(tabulate(rows, hdr))
+    lines += [f"note: {n}" for n in result.notes]
+    lines.append(diff_summary(result))
+    return "\n".join(lines)
+
+
+def diff_json(result: DiffResult) -> dict[str, Any]:
+    """The ``diff --json`` document (schema 1)."""
+    return {
+        "schema": SCHEMA_VERSION, "a": result.a, "b": result.b, "equal": result.equal,
+        "differences": [{"pointer": d.pointer, "kind": d.kind, "before": to_json(d.before),
+                         "after": to_json(d.after), "name": d.name,
+                         "pointer_after": d.pointer_after,
+                         "values": to_json(d.values) if d.values is not None else None}
+                        for d in result.differences],
+        "notes": result.notes,
+        "compared": {"tensors": result.tensors, "by_value": result.by_value,
+                     "by_crc": result.by_crc,
+                     "by_bytes": result.by_bytes, "shape_or_dtype": result.reshaped,
+                     "metadata_only": result.unread,
+                     "bytes_read": result.bytes_read},
+    }

@@ -301,8 +301,14 @@ def test_deepspeed_run_folder_follows_latest(tmp_path: Path) -> None:
                        )["optimizer_state_dict"]["base_optimizer_state"]
     assert [g["lr"] for g in osd["param_groups"]] == [1e-4, 1e-4]
     (run_dir / "latest").write_text("global_step9")  # names nothing here: not followed
-    with pytest.raises(ckpttool.UnreadableError, match="a folder with no checkpoint files"):
+    from ckpttool.errors import RunFolderError
+    with pytest.raises(RunFolderError) as e:  # a run folder of one checkpoint: name it
         ckpttool.open(run_dir)
+    assert str(e.value) == (
+        f"{run_dir}: a folder of 1 independent checkpoint (global_step3/), not one checkpoint; "
+        f"name one (for example {run_dir / 'global_step3'}/); `ckpttool show {run_dir}` lists "
+        "them (show --one and diff --one, library: one=True, read every file in it as parts of "
+        "one checkpoint)")
 
 
 def test_deepspeed_zero_partitions_per_param() -> None:

@@ -58,6 +58,14 @@ CASES: dict[str, tuple[list[str], int]] = {
     "show_wild_scripted": (["show", "{F}/wild/scripted.pt"], 0),
     "show_wild_traced": (["show", "{F}/wild/traced.pt"], 0),
     "dry_run_move_wild_traced": (["move", "{F}/wild/traced.pt", "cuda", "--dry-run"], 0),
+    "show_run_loop": (["show", "{F}/runs/loop"], 0),
+    "show_run_lightning_topk": (["show", "{F}/runs/lightning_topk"], 0),
+    "diff_consecutive_epochs": (["diff", "{F}/runs/loop/epoch_1.pt", "{F}/runs/loop/epoch_2.pt"],
+                                1),
+    "diff_legacy_zip": (["diff", "{F}/imagenet_style_legacy.pth", "{F}/imagenet_style.pth"], 0),
+    "diff_no_such_optimizer": (["diff", "{F}/runs/loop/epoch_1.pt", "{F}/optim_adam.pt",
+                                "--optimizer", "/optim"], 2),
+    "set_lr_run_folder": (["set-lr", "{F}/runs/loop", "1e-4"], 1),
 }
 
 
