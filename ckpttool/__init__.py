@@ -19,7 +19,22 @@ from .errors import CkptError, EditError, UnreadableError, UnsafeCheckpointError
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    import os
+
     from .checks import Report, check
+    from .edits.plan import Plan
+
+
+def sanitize(path: str | os.PathLike[str] | Checkpoint, *, keep_unknown: str = "error"
+             ) -> Plan:
+    """The plan that makes a checkpoint load with ``torch.load(weights_only=True)``: every
+    value it refuses (argparse ``Namespace``, numpy values, paths, enums, dataclasses, ...)
+    rewritten into a plain one, each listed in ``plan.changes``. Write it with
+    ``ckpttool.save.save(plan, out)``. An unsafe file raises :class:`UnsafeCheckpointError`.
+    See :mod:`ckpttool.edits.sanitize`."""
+    from .edits.sanitize import sanitize as _sanitize
+    ckpt = path if isinstance(path, Checkpoint) else open_for_edit(path)
+    return _sanitize(ckpt, keep_unknown)
 
 
 def __getattr__(name: str) -> Any:
@@ -32,5 +47,5 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["Checkpoint", "CheckpointFile", "CkptError", "EditError", "Report",
-           "UnreadableError", "UnsafeCheckpointError", "check", "open", "open_for_edit",
+           "UnreadableError", "UnsafeCheckpointError", "check", "open", "open_for_edit", "sanitize",
            "__version__"]

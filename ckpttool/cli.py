@@ -337,6 +337,45 @@ def convert(path: str, target: str, sets: tuple[str, ...], moments: str, step: i
     _run(go, path)
 
 
+@cli.command()
+@click.argument("path", type=click.Path(readable=False))
+@click.option("--keep-unknown", type=click.Choice(["error", "string", "drop"]),
+              default="error", show_default=True,
+              help="Values with no plain equivalent: stop naming them, write a description "
+                   "string instead, or remove them (listed either way).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (schema 1): every value changed.")
+@_write_options
+def sanitize(path: str, keep_unknown: str, as_json: bool, output: str | None, force: bool,
+             backup: bool, dry_run: bool) -> None:
+    """Rewrite every value torch.load(weights_only=True) refuses (argparse Namespace, numpy
+    scalars / arrays / dtypes, paths, enums, dataclasses, ...) into a plain one it accepts,
+    listing each (pointer, before, after). Tensors stay byte-identical; an unsafe file is
+    refused (exit 4).
+
+    Example: ckpttool sanitize timm_ckpt.pth -o plain.pth
+    """
+    from .checkpoint import open_for_edit
+    from .edits.sanitize import sanitize as sanitize_edit
+
+    def go() -> None:
+        plan = sanitize_edit(open_for_edit(path), keep_unknown)
+        if not as_json:
+            if not dry_run:
+                click.echo(plan.render().rsplit("\n", 1)[0])
+            _finish(plan, output, force, backup, dry_run)
+            return
+        from .save import save
+        written = None
+        if not dry_run:
+            written = save(plan, output, force=force, backup=backup).output \
+                if plan.changed or output is not None else None
+        click.echo(json.dumps({"schema": 1, "path": path, "output": written,
+                               "dry_run": dry_run, "summary": plan.summary,
+                               "changes": [c.to_json() for c in plan.changes]}, indent=2))
+    _run(go, path)
+
+
 def main() -> None:
     cli()
 
