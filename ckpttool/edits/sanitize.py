@@ -393,7 +393,8 @@ class _Sanitizer:
             self.note(ptr, "collection", f"collections.defaultdict of {len(out)}",
                       f"dict of {len(out)}")
             return self.value(out, ptr)
-        if q == "collections.deque" and node.args and isinstance(node.args[0], list):
+        if q == "collections.deque" and node.args and isinstance(node.args[0], (list, tuple)) \
+                and not node.has_state:
             items = list(node.args[0]) + list(node.items)
             self.note(ptr, "collection", f"collections.deque of {len(items)}",
                       f"list of {len(items)}")
@@ -502,22 +503,27 @@ class _Sanitizer:
         return None, ""
 
     def _np_random(self, node: Reduce, q: str, ptr: str) -> Any:
+        """numpy's random objects as the state dicts their ``state`` setters accept:
+        ``Generator(PCG64())`` -> ``{"bit_generator": "PCG64", "state": {...}, ...}`` (set it
+        with ``rng.bit_generator.state = d``); ``RandomState`` -> its ``get_state(legacy=False)``
+        dict (``RandomState().set_state(d)``). A ``SeedSequence`` pickled beside a bit
+        generator's state (numpy 2) is left out: it only matters for ``spawn``."""
         name = q[len(_NP_RANDOM):]
-        if name == "__generator_ctor" and node.args:
-            inner = node.args[0]
-            if isinstance(inner, Reduce) and _q(inner).endswith("__bit_generator_ctor"):
-                fields = inner.state if inner.has_state else None
-                if isinstance(fields, dict):
-                    self.note(ptr, "numpy-random", "numpy.random.Generator",
-                              "its bit generator's state dict")
-                    return self.value(dict(fields), ptr)
-        if name in ("__bit_generator_ctor", "__randomstate_ctor") and node.has_state \
-                and isinstance(node.state, dict):
-            what = "numpy.random.RandomState" if "randomstate" in name else \
-                "numpy.random bit generator"
-            self.note(ptr, "numpy-random", what, "its state dict")
-            return self.value(dict(node.state), ptr)
-        return self._unknown(node, ptr)
+        what = {"__generator_ctor": "numpy.random.Generator",
+                "__randomstate_ctor": "numpy.random.RandomState",
+                "__bit_generator_ctor": "numpy.random bit generator"}.get(name)
+        state = node.state if node.has_state else None
+        if isinstance(state, tuple) and state and isinstance(state[0], dict):
+            state = state[0]
+        if not isinstance(state, dict) and name in ("__generator_ctor", "__randomstate_ctor") \
+                and node.args and isinstance(node.args[0], Reduce) \
+                and _q(node.args[0]) == _NP_RANDOM + "__bit_generator_ctor":
+            inner = node.args[0].state if node.args[0].has_state else None
+            state = inner[0] if isinstance(inner, tuple) and inner else inner
+        if what is None or not isinstance(state, dict) or "bit_generator" not in state:
+            return self._unknown(node, ptr)
+        self.note(ptr, "numpy-random", f"{what} ({state['bit_generator']})", "its state dict")
+        return self.value(dict(state), ptr)
 
     def _unknown(self, node: Any, ptr: str) -> Any:
         desc = describe(node)
@@ -595,7 +601,7 @@ def sanitize(ckpt: Checkpoint, keep_unknown: str = "error") -> Plan:
         listed = "; ".join(f"{p or '/'}: {d}" for p, d in s.unknown[:8])
         more = f" and {len(s.unknown) - 8} more" if len(s.unknown) > 8 else ""
         raise EditError(f"{len(s.unknown)} value{'s' if len(s.unknown) != 1 else ''} "
-                        f"have no plain equivalent sanitize knows: {listed}{more}",
+                        f"{'have' if len(s.unknown) != 1 else 'has'} no plain equivalent sanitize knows: {listed}{more}",
                         path=ckpt.path,
                         hint="pass --keep-unknown string to write a description of each, or "
                              "--keep-unknown drop to remove them (both listed)")
