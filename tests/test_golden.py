@@ -50,6 +50,19 @@ CASES: dict[str, tuple[list[str], int]] = {
     "convert_to_muon_1d": (["convert", "{F}/optim_adamw_named.pt", "--to", "muon"], 1),
     "set_lr_keep_ratios": (["set-lr", "{T}/optim_adam.pt", "1e-4", "--keep-ratios"], 0),
     "merge_groups_no_names": (["merge-groups", "{F}/hf_trainer/checkpoint-4", "--dry-run"], 1),
+    "sanitize_numpy_metrics": (["sanitize", "{F}/sanitize/numpy_metrics.pt", "--dry-run"], 0),
+    "sanitize_timm_saver": (["sanitize", "{F}/sanitize/timm/last.pth.tar", "-o", "plain.pth"],
+                            0),
+    "sanitize_lightning_dataclass": (["sanitize", "{F}/sanitize/lightning/epoch=0-step=3.ckpt",
+                                      "--dry-run"], 0),
+    "sanitize_hf_trainer": (["sanitize", "{F}/hf_trainer/checkpoint-4", "-o", "plain"], 0),
+    "sanitize_accelerate": (["sanitize", "{F}/accelerate_state", "--dry-run"], 0),
+    "sanitize_deepspeed": (["sanitize", "{F}/deepspeed", "-o", "plain"], 0),
+    "sanitize_imagenet_nothing": (["sanitize", "{F}/imagenet_style.pth", "-o", "same.pth"], 0),
+    "sanitize_mmengine_unknown": (["sanitize", "{F}/mmengine", "--dry-run"], 1),
+    "sanitize_mmengine_drop": (["sanitize", "{F}/mmengine", "--keep-unknown", "drop",
+                                "--dry-run"], 0),
+    "sanitize_unsafe": (["sanitize", "{F}/unsafe_exec.pt", "-o", "clean.pt"], 4),
 }
 
 
