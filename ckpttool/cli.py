@@ -356,6 +356,7 @@ def sanitize(path: str, keep_unknown: str, as_json: bool, output: str | None, fo
     Example: ckpttool sanitize timm_ckpt.pth -o plain.pth
     """
     from .checkpoint import open_for_edit
+    from .edits.sanitize import Rewrite
     from .edits.sanitize import sanitize as sanitize_edit
 
     def go() -> None:
@@ -372,7 +373,8 @@ def sanitize(path: str, keep_unknown: str, as_json: bool, output: str | None, fo
                 if plan.changed or output is not None else None
         click.echo(json.dumps({"schema": 1, "path": path, "output": written,
                                "dry_run": dry_run, "summary": plan.summary,
-                               "changes": [c.to_json() for c in plan.changes]}, indent=2))
+                               "changes": [c.to_json() for c in plan.changes
+                                           if isinstance(c, Rewrite)]}, indent=2))
     _run(go, path)
 
 

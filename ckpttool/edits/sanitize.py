@@ -72,8 +72,9 @@ class Rewrite(Change):
     kind: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        from ..render import to_json
         return {"pointer": self.pointer, "kind": self.kind, "before": self.before,
-                "after": None if self.after is ABSENT else self.after}
+                "after": None if self.after is ABSENT else to_json(self.after)}
 
 
 def _q(node: Any) -> str:
@@ -268,8 +269,8 @@ class _Sanitizer:
             return obj if members == obj and all(a is b for a, b in zip(members, obj)) \
                 else members
         if isinstance(obj, frozenset):
-            members = [self.value(x, join(ptr, i)) for i, x in enumerate(obj)]
-            plain = [m for m in members if m is not _DROP]
+            plain = [m for m in (self.value(x, join(ptr, i)) for i, x in enumerate(obj))
+                     if m is not _DROP]
             plain.sort(key=lambda x: (type(x).__name__, x) if isinstance(x, (int, float, str))
                        else (type(x).__name__, repr(x)))
             self.note(ptr, "frozenset", f"frozenset of {len(obj)}", fmt(plain))
@@ -354,7 +355,6 @@ class _Sanitizer:
     # -- the rules ---------------------------------------------------------------------------
     def _convert(self, node: Reduce, ptr: str) -> Any:
         q = _q(node)
-        before = describe(node)
         if q in _SCALAR:
             dt = numpy_dtype(node.args[0]) if node.args else None
             raw = node.args[1] if len(node.args) > 1 else None
@@ -378,8 +378,7 @@ class _Sanitizer:
             self.note(ptr, "path", f"{q}({text!r})", text)
             return text
         if q == "uuid.UUID":
-            fields = _state_dict(node) or {}
-            n = fields.get("int")
+            n = (_state_dict(node) or {}).get("int")
             if isinstance(n, int) and 0 <= n < 1 << 128:
                 h = f"{n:032x}"
                 text = f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -389,10 +388,10 @@ class _Sanitizer:
         if q in ("datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta"):
             return self._datetime(node, q, ptr)
         if q == "collections.defaultdict" and not node.items:
-            out = {k: v for k, v in node.dictitems}
-            self.note(ptr, "collection", f"collections.defaultdict of {len(out)}",
-                      f"dict of {len(out)}")
-            return self.value(out, ptr)
+            entries = dict(node.dictitems)
+            self.note(ptr, "collection", f"collections.defaultdict of {len(entries)}",
+                      f"dict of {len(entries)}")
+            return self.value(entries, ptr)
         if q == "collections.deque" and node.args and isinstance(node.args[0], (list, tuple)) \
                 and not node.has_state:
             items = list(node.args[0]) + list(node.items)
