@@ -643,6 +643,9 @@ def main() -> int:
             os.replace(str(extras) + ".tmp", extras)
         meta = json.loads(base.with_suffix(".json").read_text())
         meta["size"] = extras.stat().st_size  # the big file's tensors, plus the extras
+        import zipfile
+        with zipfile.ZipFile(extras) as z:
+            meta["records"] = sum(1 for n in z.namelist() if "/data/" in n)
         extras.with_suffix(".json").write_text(json.dumps(meta))
         files.setdefault("big" if width == sizes["big"][0] else "sanitize base",
                          (base, f"{base.stat().st_size / 1e9:.2f} GB"))
