@@ -334,3 +334,16 @@ def test_tensors_untouched_records_copied(tmp_path: Path) -> None:
     data_a = {n.split("/", 1)[1]: a.read(n) for n in a.namelist() if "/data/" in n}
     data_b = {n.split("/", 1)[1]: b.read(n) for n in b.namelist() if "/data/" in n}
     assert data_a == data_b and len(data_a) == 8
+
+
+def test_deepspeed_slices_still_read(tmp_path: Path) -> None:
+    """DeepSpeed's fragment_address objects become dicts; show still maps each param."""
+    from ckpttool.deepspeed import zero_groups
+    out = tmp_path / "ds"
+    save(sanitize(ckpttool.open_for_edit(FIXTURES / "deepspeed")), str(out))
+    before = zero_groups(ckpttool.open(FIXTURES / "deepspeed"))
+    after = zero_groups(ckpttool.open(out))
+    assert [(g.group, [(s.name, s.start, s.numel) for s in g.slices]) for g in after] == \
+        [(g.group, [(s.name, s.start, s.numel) for s in g.slices]) for g in before] == [
+            (0, [("0.weight", 0, 12), ("2.weight", 12, 6)]),
+            (1, [("0.bias", 0, 3), ("2.bias", 3, 2)])]
