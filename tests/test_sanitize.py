@@ -347,3 +347,53 @@ def test_deepspeed_slices_still_read(tmp_path: Path) -> None:
         [(g.group, [(s.name, s.start, s.numel) for s in g.slices]) for g in before] == [
             (0, [("0.weight", 0, 12), ("2.weight", 12, 6)]),
             (1, [("0.bias", 0, 3), ("2.bias", 3, 2)])]
+
+
+@pytest.mark.filterwarnings("ignore:.*does not have many workers:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before")
+def test_lightning_resumes_from_sanitized(tmp_path: Path) -> None:
+    """The Trainer resumes from the sanitized checkpoint (weights_only load, plain
+    hyper_parameters); load_from_checkpoint hands the dataclass over as a dict."""
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(L.LightningModule):
+        def __init__(self, optim: Any, mode: Any = "finetune", hidden: int = 3) -> None:
+            super().__init__()
+            self.save_hyperparameters()
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.Tanh(),
+                                           torch.nn.Linear(hidden, 2))
+
+        def training_step(self, batch: Any, _: int) -> Any:
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            cfg = self.hparams.optim
+            opt = torch.optim.AdamW(self.parameters(), lr=cfg["lr"], betas=cfg["betas"],
+                                    weight_decay=cfg["weight_decay"])
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    src = FIXTURES / "sanitize/lightning/epoch=0-step=3.ckpt"
+    out = tmp_path / "plain.ckpt"
+    run("sanitize", src, "-o", out)
+    model = Tiny.load_from_checkpoint(out, weights_only=True)
+    assert model.hparams.optim == {"lr": 0.01, "betas": (0.9, 0.95), "weight_decay": 0.1}
+    assert model.hparams.mode == "finetune"
+    g = torch.Generator().manual_seed(1234)
+    x, y = torch.randn(8, 4, generator=g), torch.randn(8, 2, generator=g)
+    trainer = L.Trainer(max_steps=5, accelerator="cpu", devices=1, enable_progress_bar=False,
+                        logger=False, enable_model_summary=False, enable_checkpointing=False,
+                        default_root_dir=str(tmp_path))
+    saved = torch.load(out, weights_only=True)["optimizer_states"][0]["state"]
+    trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=2), ckpt_path=str(out))
+    opt = trainer.optimizers[0]
+    assert trainer.global_step == 5
+    assert [float(opt.state[p]["step"]) for p in model.parameters()] == [5.0] * 4
+    assert len(saved) == 4 and float(saved[0]["step"]) == 3.0
+    assert opt.param_groups[0]["lr"] == 0.01 * 0.5 ** 2
