@@ -397,3 +397,26 @@ def test_lightning_resumes_from_sanitized(tmp_path: Path) -> None:
     assert [float(opt.state[p]["step"]) for p in model.parameters()] == [5.0] * 4
     assert len(saved) == 4 and float(saved[0]["step"]) == 3.0
     assert opt.param_groups[0]["lr"] == 0.01 * 0.5 ** 2
+
+
+def test_in_place_with_backup(copy_fixture: Any) -> None:
+    path = copy_fixture("sanitize/timm/last.pth.tar")
+    before = path.read_bytes()
+    r = run("sanitize", path, "--backup")
+    assert r.stdout.splitlines()[-1] == (
+        f"sanitize: 1 value made plain (object 1); torch.load(weights_only=True) loads the "
+        f"result; wrote {path} (the original is kept as {path}.bak)")
+    assert Path(f"{path}.bak").read_bytes() == before
+    assert ckpttool.open(path).safety.level == "weights-only"
+    r = run("sanitize", path)
+    assert r.stdout == ("(no changes)\nsanitize: nothing to change; "
+                        "torch.load(weights_only=True) already loads it; nothing written\n")
+
+
+def test_check_suggests_sanitize() -> None:
+    report = ckpttool.check(FIXTURES / "opaque.pt")
+    (f,) = [f for f in report.findings if f.id == "weights-only"]
+    assert f.hint == (
+        f"`ckpttool sanitize {FIXTURES / 'opaque.pt'} -o OUT` rewrites them into plain values "
+        "torch accepts (--dry-run lists each), without running the file; or load with "
+        "torch.serialization.add_safe_globals([...]) for classes you trust")
