@@ -42,8 +42,8 @@ into one that looks clean.
 from __future__ import annotations
 
 import datetime as _dt
-import posixpath
 import ntpath
+import posixpath
 import struct
 import sys
 from collections import OrderedDict
@@ -291,11 +291,8 @@ class _Sanitizer:
                 changed = True
             if nk is _DROP or nv is _DROP:
                 continue
-            try:
-                hash(nk)
-            except TypeError:
-                nv = self._unknown(k, join(ptr, k))
-                continue
+            if isinstance(nk, list):  # a frozenset key made a sorted list: a tuple as a key
+                nk = tuple(nk)
             out.append((nk, nv))
         if not changed:
             return obj
@@ -320,10 +317,15 @@ class _Sanitizer:
         items = self._seq(list(node.items), f"{ptr}/@items") if node.items else None
         dictitems = [(k, self.value(v, f"{ptr}/@dictitems/{escape(k)}"))
                      for k, v in node.dictitems]
+        old_kwargs = node.kwargs or {}
+        kwargs = {k: self.value(v, f"{ptr}/@kwargs/{escape(k)}") for k, v in old_kwargs.items()}
         if args is None and state is node.state and items is None \
-                and all(a[1] is b[1] for a, b in zip(dictitems, node.dictitems)):
+                and all(a[1] is b[1] for a, b in zip(dictitems, node.dictitems)) \
+                and all(kwargs[k] is old_kwargs[k] for k in kwargs):
             return node
         new = node.copy()
+        if kwargs:
+            new.kwargs = {k: v for k, v in kwargs.items() if v is not _DROP}
         if args is not None:
             new.args = tuple(args)
         new.state = state if state is not _DROP else Reduce.NO_STATE
@@ -552,7 +554,8 @@ def _check_clean(root: Any, path: str) -> None:
         elif isinstance(obj, Reduce):
             if not isinstance(obj.func, Global) or not allowed(obj.func):
                 raise AssertionError(f"{path}: sanitize left {obj!r} in the tree")
-            stack += [*obj.args, *obj.items, *(v for _, v in obj.dictitems)]
+            stack += [*obj.args, *obj.items, *(v for _, v in obj.dictitems),
+                      *(obj.kwargs.values() if obj.kwargs else ())]
             if obj.has_state:
                 stack.append(obj.state)
         elif isinstance(obj, dict):
@@ -561,6 +564,21 @@ def _check_clean(root: Any, path: str) -> None:
             stack += list(obj)
         elif isinstance(obj, frozenset):
             raise AssertionError(f"{path}: sanitize left a frozenset in the tree")
+
+
+def _sanitize_files(ckpt: Checkpoint, s: _Sanitizer, roots: dict[str, Any]) -> None:
+    """Each torch.save file's tree sanitized into ``roots`` (other files kept as they are)."""
+    for f in ckpt.files:
+        tree = ckpt.roots[f.name]
+        if f.format not in ("torch-zip", "torch-legacy"):
+            roots[f.name] = tree
+            continue
+        base = join("", f.name) if ckpt.is_folder else ""
+        new = s.value(tree, base)
+        if new is _DROP:
+            raise EditError("the whole file is a value no rule maps; it cannot be dropped",
+                            path=f.path)
+        roots[f.name] = new
 
 
 def sanitize(ckpt: Checkpoint, keep_unknown: str = "error") -> Plan:
@@ -585,22 +603,20 @@ def sanitize(ckpt: Checkpoint, keep_unknown: str = "error") -> Plan:
                                     + ". Nothing was written.", path=ckpt.path)
     s = _Sanitizer(ckpt, keep_unknown)
     roots: dict[str, Any] = {}
-    for f in ckpt.files:
-        tree = ckpt.roots[f.name]
-        if f.format not in ("torch-zip", "torch-legacy"):
-            roots[f.name] = tree
-            continue
-        base = join("", f.name) if ckpt.is_folder else ""
-        new = s.value(tree, base)
-        if new is _DROP:
-            raise EditError("the whole file is a value no rule maps; it cannot be dropped",
-                            path=f.path)
-        roots[f.name] = new
+    # the walk recurses ~3 frames per level; the unpickler allows 400 levels of nesting
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4000))
+    try:
+        _sanitize_files(ckpt, s, roots)
+    finally:
+        sys.setrecursionlimit(limit)
     if s.unknown and keep_unknown == "error":
         listed = "; ".join(f"{p or '/'}: {d}" for p, d in s.unknown[:8])
         more = f" and {len(s.unknown) - 8} more" if len(s.unknown) > 8 else ""
-        raise EditError(f"{len(s.unknown)} value{'s' if len(s.unknown) != 1 else ''} "
-                        f"{'have' if len(s.unknown) != 1 else 'has'} no plain equivalent sanitize knows: {listed}{more}",
+        many = len(s.unknown) != 1
+        raise EditError(f"{len(s.unknown)} value{'s' if many else ''} "
+                        f"{'have' if many else 'has'} no plain equivalent sanitize knows: "
+                        f"{listed}{more}",
                         path=ckpt.path,
                         hint="pass --keep-unknown string to write a description of each, or "
                              "--keep-unknown drop to remove them (both listed)")
