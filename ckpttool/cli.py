@@ -106,7 +106,10 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: bool) -> None:
+def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: bool,
+            table: bool = False) -> None:
+    """Save (or not, with --dry-run) and say what was done; ``table``: the before/after
+    table too, printed once the write succeeded."""
     from .save import save
     if dry_run:
         click.echo(plan.render())
@@ -117,6 +120,8 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
         result = save(plan, output, force=force, backup=backup, progress=progress)
     finally:
         progress.close()
+    if table:
+        click.echo(plan.render().rsplit("\n", 1)[0])
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
     if plan.source.followed:  # a DeepSpeed run folder: say which checkpoint was edited
@@ -362,9 +367,7 @@ def sanitize(path: str, keep_unknown: str, as_json: bool, output: str | None, fo
     def go() -> None:
         plan = sanitize_edit(open_for_edit(path), keep_unknown)
         if not as_json:
-            if not dry_run:
-                click.echo(plan.render().rsplit("\n", 1)[0])
-            _finish(plan, output, force, backup, dry_run)
+            _finish(plan, output, force, backup, dry_run, table=True)
             return
         from .save import save
         written = None

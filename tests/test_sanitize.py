@@ -420,3 +420,44 @@ def test_check_suggests_sanitize() -> None:
         f"`ckpttool sanitize {FIXTURES / 'opaque.pt'} -o OUT` rewrites them into plain values "
         "torch accepts (--dry-run lists each), without running the file; or load with "
         "torch.serialization.add_safe_globals([...]) for classes you trust")
+
+
+def test_rng_objects_and_zoned_datetime(tmp_path: Path) -> None:
+    """A pickled torch.Generator, numpy RandomState and a ZoneInfo datetime: the plain forms
+    restore the same streams (torch / numpy's own set_state) and name the zone."""
+    import datetime
+    import zoneinfo
+
+    import torch
+    src = tmp_path / "rngs.pt"
+    torch.save({"gen": torch.Generator().manual_seed(3), "rs": np.random.RandomState(5),
+                "at": datetime.datetime(2026, 1, 2, 3, 4, 5,
+                                        tzinfo=zoneinfo.ZoneInfo("Europe/Paris"))}, src)
+    plan = sanitize(ckpttool.open_for_edit(src))
+    assert [(c.pointer, c.kind, c.before, c.after) for c in plan.changes] == [
+        ("/gen", "torch-generator", "torch.Generator", "its get_state() tensor uint8[5056]"),
+        ("/rs", "numpy-random", "numpy.random.RandomState (MT19937)", "its state dict"),
+        ("/rs/state/key", "numpy-array", "numpy.ndarray uint32[624]",
+         "tensor uint32[624] (new record)"),
+        ("/at", "datetime", "datetime.datetime('2026-01-02T03:04:05[Europe/Paris]')",
+         "2026-01-02T03:04:05[Europe/Paris]")]
+    out = tmp_path / "plain.pt"
+    save(plan, str(out))
+    code = r"""
+import json, sys
+import numpy as np, torch
+d = torch.load(sys.argv[1], weights_only=True)
+g = torch.Generator()
+g.set_state(d["gen"])
+rs = np.random.RandomState()
+rs.set_state(d["rs"])
+print(json.dumps({
+    "torch": torch.rand(3, generator=g).tolist()
+             == torch.rand(3, generator=torch.Generator().manual_seed(3)).tolist(),
+    "numpy": rs.rand(3).tolist() == np.random.RandomState(5).rand(3).tolist(),
+    "at": d["at"]}))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"torch": True, "numpy": True,
+                                    "at": "2026-01-02T03:04:05[Europe/Paris]"}

@@ -22,12 +22,13 @@ numpy array (``multiarray._reconstruct``)             a tensor of the same dtype
 an enum (a class called with one plain value)         that value
 ``uuid.UUID``                                         ``'12345678-1234-...'``
 ``datetime`` / ``date`` / ``time``                    the ISO 8601 string (a ``ZoneInfo`` zone as
-                                                      RFC 9557 ``[Europe/Paris]``)
+                                                      local time + ``[Europe/Paris]``, no offset)
 ``datetime.timedelta``                                seconds as a float
 ``frozenset``                                         a sorted list (``set`` is allowed as is)
 ``collections.defaultdict`` / ``deque``               a dict / a list
 numpy ``Generator`` / ``RandomState`` / bit           the state dict their ``state`` setter /
 generator                                             ``set_state`` accept
+``torch.Generator``                                   its ``get_state()`` uint8 tensor
 ===================================================  ===========================================
 
 Anything else (a referenced function or class, ``getattr(...)``, a call with arguments that
@@ -402,6 +403,14 @@ class _Sanitizer:
             return self.value(items, ptr)
         if q.startswith(_NP_RANDOM):
             return self._np_random(node, q, ptr)
+        if q in ("torch._C.Generator", "torch.Generator") and node.has_state \
+                and isinstance(node.state, tuple) and len(node.state) == 3 \
+                and isinstance(node.state[2], TensorRef) and node.state[2].dtype == "uint8":
+            # Generator.__reduce__: (Generator, (device,), (seed, offset, get_state()))
+            t = node.state[2]
+            self.note(ptr, "torch-generator", "torch.Generator",
+                      f"its get_state() tensor uint8{list(t.shape)}")
+            return self.value(t, ptr)
         cls = _object_class(node)
         if cls is not None:
             fields = _state_dict(node)
