@@ -371,7 +371,9 @@ class _Sanitizer:
             return self._array(node, ptr)
         if q == "numpy.dtype":
             dt = numpy_dtype(node)
-            if dt is not None:
+            st = node.state if node.has_state else None
+            structured = isinstance(st, tuple) and len(st) > 3 and (st[2], st[3]) != (None, None)
+            if dt is not None and not structured:  # a structured dtype's fields: unknown
                 self.note(ptr, "numpy-dtype", f"numpy.dtype({node.args[0]!r})", dt[0])
                 return dt[0]
             return self._unknown(node, ptr)
