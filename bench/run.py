@@ -3,6 +3,7 @@
 
     /work/venv/bin/python bench/run.py [--quick] [--keep] [--out bench/results.md]
     /work/venv/bin/python bench/run.py --only convert [--out FILE]
+    /work/venv/bin/python bench/run.py --only sanitize [--width 32] [--out FILE]
 
 * builds (or reuses, cached under bench/out/) a ~4.04 GB and a ~40 MB checkpoint of the
   same structure (1174 records; see bench/make_ckpt.py); --quick uses ~400 MB / ~4 MB;
@@ -13,6 +14,9 @@
 * `--only diff`: `ckpttool diff` and `diff --values` of the big file and its "next epoch"
   (every tensor x 1.001, built once with torch and cached beside it), against two
   torch.load(mmap=True) and a comparing walk (`--quick --only diff --runs 1` is the small run);
+* for `ckpttool sanitize -o` the big file plus an argparse Namespace, numpy scalars, a numpy
+  array and numpy's RNG state (`--only sanitize`; `--width 32` for a 4 MB smoke run), in
+  pairs with cp + sync;
 * runs every operation as a fresh subprocess: one warm-up run (also warms the page
   cache), then 3 timed runs; reports the median wall time and the median peak RSS of
   the child (os.wait4 rusage ru_maxrss, exact for the child process);
@@ -50,7 +54,7 @@ QUICK = {"big": (322, "400 MB"), "small": (32, "4 MB")}
 # 2 x params x 4 bytes (width 712: 163.0M params, 1.304 GB; width 225: 0.131 GB)
 SGD_FULL = (712, "1.3 GB")
 SGD_QUICK = (225, "130 MB")
-PARTS = ("main", "convert", "check", "diff")
+PARTS = ("main", "convert", "check", "diff", "sanitize")
 PAIRS: dict[str, tuple[list[float], list[float], list[int], list[float]]] = {}
 
 # Peak RSS: ru_maxrss from wait4() of the measured process.  A child forked
@@ -448,6 +452,35 @@ torch.save(sd, sys.argv[2])
 
 # ----------------------------------------------------------------------------- report
 
+# the checkpoint a timm / pytorch-examples style script writes: the big file's dict plus an
+# argparse Namespace, numpy scalars, a numpy array and numpy's RNG state (built from the big
+# file through torch.load(mmap=True), so its tensors are the big file's)
+ADD_EXTRAS = r"""
+import argparse, sys
+import numpy as np, torch
+ck = torch.load(sys.argv[1], mmap=True, weights_only=True)
+ck["args"] = argparse.Namespace(model="gpt-bench", lr=3e-4, batch_size=32, epochs=90,
+                                opt="adam", weight_decay=0.0, seed=0, amp=False)
+ck["best_metric"] = np.float64(0.8125)
+ck["metrics"] = {"loss": np.float32(2.5), "loss_history": np.linspace(5, 2.5, 1000)}
+np.random.seed(0)
+ck["rng"] = {"numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+torch.save(ck, sys.argv[2])
+"""
+
+
+def sanitize_verifier(out: pathlib.Path):
+    """The sanitized file loads with weights_only=True and holds the plain values."""
+    def check():
+        code = ("import sys, torch; ck = torch.load(sys.argv[1], mmap=True, weights_only=True); "
+                "assert ck['args']['lr'] == 3e-4 and ck['best_metric'] == 0.8125; "
+                "assert ck['metrics']['loss_history'].shape == (1000,); "
+                "assert ck['rng']['numpy'][1].dtype == torch.uint32")
+        r = subprocess.run([PY, "-c", code, str(out)], capture_output=True, text=True)
+        return None if r.returncode == 0 else f"verify failed: {r.stderr.strip()[-300:]}"
+    return check
+
+
 def fmt_s(r: Result) -> str:
     return f"{r.wall:.3f}" if r.ok else "-"
 
@@ -526,6 +559,9 @@ def main() -> int:
                          "stdout only unless --out is given, so a partial run never replaces the "
                          "full results)")
     ap.add_argument("--runs", type=int, default=3, help="timed runs per operation (median reported; default 3)")
+    ap.add_argument("--width", type=int, default=None,
+                    help="sanitize part only: model width of its checkpoint (default: the big "
+                         "file's, 1024 = 4 GB; 32 = 4 MB for a smoke run)")
     a = ap.parse_args()
     global RUNS
     RUNS = max(1, a.runs)
@@ -677,6 +713,51 @@ def main() -> int:
         m("torch diff", [PY, "-c", TORCH_DIFF, str(big), str(nxt)])
         m("diff values", ck + ["diff", "--values", str(big), str(nxt)], ok_rc=(1,))
         m("torch diff values", [PY, "-c", TORCH_DIFF, str(big), str(nxt), "values"])
+    if "sanitize" in parts:
+        # the big checkpoint plus what timm / pytorch-examples style scripts add: an argparse
+        # Namespace, numpy scalars, a numpy array and numpy's RNG state
+        width = a.width or sizes["big"][0]
+        base = ensure_ckpt(width, log)
+        extras = OUTDIR / f"ckpt-w{width}-extras.pt"
+        if not extras.exists():
+            log(f"building {extras.name} ...")
+            r = subprocess.run([PY, "-c", ADD_EXTRAS, str(base), str(extras) + ".tmp"],
+                               capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"building {extras} failed:\n{r.stderr}")
+            os.replace(str(extras) + ".tmp", extras)
+        meta = json.loads(base.with_suffix(".json").read_text())
+        meta["size"] = extras.stat().st_size  # the big file's tensors, plus the extras
+        import zipfile
+        with zipfile.ZipFile(extras) as z:
+            meta["records"] = sum(1 for n in z.namelist() if "/data/" in n)
+        extras.with_suffix(".json").write_text(json.dumps(meta))
+        files.setdefault("big" if width == sizes["big"][0] else "sanitize base",
+                         (base, f"{base.stat().st_size / 1e9:.2f} GB"))
+        files["sanitize"] = (extras, f"{extras.stat().st_size / 1e9:.2f} GB")
+        out_san = OUTDIR / "sanitize-out.pt"
+        rm_san = remover(out_san)
+        if shutil.disk_usage(OUTDIR).free < extras.stat().st_size + 1_000_000_000:
+            raise SystemExit("not enough free disk for a sanitize output")
+        warm_page_cache(extras)
+        m("sanitize", ck + ["sanitize", str(extras), "-o", str(out_san)], before=rm_san,
+          check=sanitize_verifier(out_san))
+        log("sanitize vs cp+sync pairs ...")
+        cp_argv = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(extras), str(out_san)]
+        san_argv = ck + ["sanitize", str(extras), "-o", str(out_san)]
+        ratios, s_walls, s_rss, cp_walls = [], [], [], []
+        for _ in range(max(RUNS, 5)):
+            wc, _, rc1, _, _ = run_once(cp_argv, rm_san)
+            ws, ms, rc2, _, err = run_once(san_argv, rm_san)
+            if rc1 or rc2:
+                log(f"  failed: {err[-200:]}")
+                break
+            ratios.append(ws / wc)
+            s_walls.append(ws)
+            s_rss.append(ms)
+            cp_walls.append(wc)
+        PAIRS["sanitize"] = (ratios, s_walls, s_rss, cp_walls)
+        rm_san()
 
     # ------------------------------------------------------------------ tables
     rows: list[tuple] = []
@@ -812,6 +893,23 @@ def main() -> int:
         row(f"2x torch.load(mmap) + max/norms of every tensor {bl} (reference)",
             "torch diff values")
         body += [f"## diff ({bl} vs its next epoch)", ""] + table(rows) + [""]
+    if "sanitize" in parts:
+        rows = []
+        label = f"{a.width or sizes['big'][0]}-wide"
+        row(f"`ckpttool sanitize IN -o OUT` ({label} file + Namespace + numpy values)",
+            "sanitize")
+        pr = PAIRS.get("sanitize")
+        if pr and pr[0]:
+            ratios, sw, sm, cw = pr
+            med = statistics.median(ratios)
+            rss = statistics.median(sm) * 1024
+            rows.append((f"`ckpttool sanitize IN -o OUT`, in pairs with cp + sync "
+                         f"({len(ratios)} pairs)", f"{statistics.median(sw):.3f}",
+                         f"{rss / MIB:.0f}",
+                         f"{med:.2f}x cp+sync (median of pair ratios; cp+sync "
+                         f"{statistics.median(cw):.3f} s)", "<= 1.25x cp+sync, < 100 MB",
+                         "pass" if med <= 1.25 and rss < 100 * MB else "FAIL"))
+        body += [f"## sanitize ({label})", ""] + table(rows) + [""]
 
     total = time.perf_counter() - t_start
     load = (f"load average (1/5/15 min) {'/'.join(f'{x:.2f}' for x in load_start)} at start, "

@@ -23,7 +23,22 @@ from .run import Run, RunEntry, open_run
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    import os
+
     from .checks import Report, check
+    from .edits.plan import Plan
+
+
+def sanitize(path: str | os.PathLike[str] | Checkpoint, *, keep_unknown: str = "error"
+             ) -> Plan:
+    """The plan that makes a checkpoint load with ``torch.load(weights_only=True)``: every
+    value it refuses (argparse ``Namespace``, numpy values, paths, enums, dataclasses, ...)
+    rewritten into a plain one, each listed in ``plan.changes``. Write it with
+    ``ckpttool.save.save(plan, out)``. An unsafe file raises :class:`UnsafeCheckpointError`.
+    See :mod:`ckpttool.edits.sanitize`."""
+    from .edits.sanitize import sanitize as _sanitize
+    ckpt = path if isinstance(path, Checkpoint) else open_for_edit(path)
+    return _sanitize(ckpt, keep_unknown)
 
 
 def __getattr__(name: str) -> Any:
@@ -38,4 +53,4 @@ def __getattr__(name: str) -> Any:
 __all__ = ["Checkpoint", "CheckpointFile", "CkptError", "DiffResult", "Difference", "EditError",
            "Report", "Run", "RunEntry", "RunFolderError", "UnreadableError",
            "UnsafeCheckpointError", "__version__", "check", "diff", "open", "open_for_edit",
-           "open_run"]
+           "open_run", "sanitize"]

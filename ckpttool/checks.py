@@ -435,8 +435,10 @@ def check_loading(ctx: Context) -> Iterator[Finding]:
         yield Finding("weights-only", WARN, "",
                       "torch.load(weights_only=True), the default since torch 2.6, refuses "
                       "these globals: " + ", ".join(refused),
-                      "load with torch.serialization.add_safe_globals([...]) for classes you "
-                      "trust, or weights_only=False for a file you trust")
+                      f"`ckpttool sanitize {ctx.ckpt.path} -o OUT` rewrites them into plain "
+                      "values torch accepts (--dry-run lists each), without running the file; "
+                      "or load with torch.serialization.add_safe_globals([...]) for classes "
+                      "you trust")
 
 
 def _norm(q: str) -> str:

@@ -142,7 +142,10 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: bool) -> None:
+def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: bool,
+            table: bool = False) -> None:
+    """Save (or not, with --dry-run) and say what was done; ``table``: the before/after
+    table too, printed once the write succeeded."""
     from .save import save
     if dry_run:
         click.echo(plan.render())
@@ -153,6 +156,8 @@ def _finish(plan: Any, output: str | None, force: bool, backup: bool, dry_run: b
         result = save(plan, output, force=force, backup=backup, progress=progress)
     finally:
         progress.close()
+    if table:
+        click.echo(plan.render().rsplit("\n", 1)[0])
     for note in plan.notes:
         click.echo(f"note: {note}", err=True)
     if plan.source.followed:  # a DeepSpeed run folder: say which checkpoint was edited
@@ -455,6 +460,47 @@ def diff_cmd(a: str, b: str, as_json: bool, values: bool, optimizer: str | None,
         click.echo(json.dumps(diff_json(result), indent=2) if as_json else diff_text(result))
         sys.exit(0 if result.equal else 1)
     _run(go, None, request_error=ExitCode.USAGE)
+
+
+
+
+@cli.command()
+@click.argument("path", type=click.Path(readable=False))
+@click.option("--keep-unknown", type=click.Choice(["error", "string", "drop"]),
+              default="error", show_default=True,
+              help="Values with no plain equivalent: stop naming them, write a description "
+                   "string instead, or remove them (listed either way).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (schema 1): every value changed.")
+@_write_options
+def sanitize(path: str, keep_unknown: str, as_json: bool, output: str | None, force: bool,
+             backup: bool, dry_run: bool) -> None:
+    """Rewrite every value torch.load(weights_only=True) refuses (argparse Namespace, numpy
+    scalars / arrays / dtypes, paths, enums, dataclasses, ...) into a plain one it accepts,
+    listing each (pointer, before, after). Tensors stay byte-identical; an unsafe file is
+    refused (exit 4).
+
+    Example: ckpttool sanitize timm_ckpt.pth -o plain.pth
+    """
+    from .checkpoint import open_for_edit
+    from .edits.sanitize import Rewrite
+    from .edits.sanitize import sanitize as sanitize_edit
+
+    def go() -> None:
+        plan = sanitize_edit(open_for_edit(path), keep_unknown)
+        if not as_json:
+            _finish(plan, output, force, backup, dry_run, table=True)
+            return
+        from .save import save
+        written = None
+        if not dry_run:
+            written = save(plan, output, force=force, backup=backup).output \
+                if plan.changed or output is not None else None
+        click.echo(json.dumps({"schema": 1, "path": path, "output": written,
+                               "dry_run": dry_run, "summary": plan.summary,
+                               "changes": [c.to_json() for c in plan.changes
+                                           if isinstance(c, Rewrite)]}, indent=2))
+    _run(go, path)
 
 
 def main() -> None:

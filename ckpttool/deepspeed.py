@@ -73,7 +73,7 @@ def zero_groups(ckpt: Checkpoint) -> list[ZeroGroup]:
                 continue
             slices = []
             for name, addr in mapping.items():
-                a = fields(addr)
+                a = addr if isinstance(addr, dict) else fields(addr)  # dict: sanitized
                 if type(a.get("start")) is int and type(a.get("numel")) is int:
                     slices.append(ZeroSlice(str(name), shapes.get(str(name)), a["start"],
                                             a["numel"]))

@@ -11,7 +11,9 @@ Contents:
 * :class:`Zeros` - ``nbytes`` zero bytes;
 * :class:`Fill` - ``numel`` elements of one value in a dtype;
 * :class:`Derived` - computed from source tensors' records one chunk of elements at a time
-  (the sources must be contiguous, as optimizer state is).
+  (the sources must be contiguous, as optimizer state is);
+* :class:`Raw` - bytes the tree already holds (a numpy array's data pickled inside
+  ``data.pkl``, which ``sanitize`` turns into a tensor record).
 """
 
 from __future__ import annotations
@@ -214,7 +216,27 @@ class Derived:
         return self.label
 
 
-Content = Zeros | Fill | Derived
+@dataclass(frozen=True)
+class Raw:
+    """Bytes already in memory (little-endian elements), written as they are."""
+
+    data: bytes | memoryview
+    label: str = "raw"
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes | memoryview]:
+        view = memoryview(self.data).cast("B")
+        for start in range(0, len(view), chunk_bytes):
+            yield view[start:start + chunk_bytes]
+
+    def describe(self) -> str:
+        return self.label
+
+
+Content = Zeros | Fill | Derived | Raw
 
 
 def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
@@ -233,6 +255,30 @@ def is_contiguous(t: TensorRef) -> bool:
 
 
 _STORAGE_CLASS = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
+
+
+def standalone_tensor(dtype: str, shape: Sequence[int], stride: Sequence[int],
+                      content: Content, device: str = "cpu") -> TensorRef:
+    """A new tensor pickled the way ``torch.save`` pickles one of ``dtype`` today, with no
+    existing tensor to model it on: ``_rebuild_tensor_v2`` over a typed storage
+    (``torch.FloatStorage``) for the dtypes that have one, else ``_rebuild_tensor_v3`` over an
+    ``UntypedStorage`` with the dtype as last argument (uint16/32/64 and newer dtypes).
+    ``stride`` may be any strides that stay within the content (a column-major numpy array
+    keeps its bytes and gets column-major strides)."""
+    itemsize = DTYPE_ITEMSIZE[dtype]
+    numel = content.nbytes // itemsize
+    cls = _STORAGE_CLASS.get(dtype)
+    hooks: OrderedDict[Any, Any] = OrderedDict()
+    if cls is not None:
+        storage = Storage(("storage", Global("torch", cls, "allowed"), "new", device, numel),
+                          content=content)
+        return TensorRef(Global("torch._utils", "_rebuild_tensor_v2", "allowed"),
+                         (storage, 0, tuple(shape), tuple(stride), False, hooks))
+    storage = Storage(("storage", Global("torch.storage", "UntypedStorage", "allowed"), "new",
+                       device, content.nbytes), content=content)
+    return TensorRef(Global("torch._utils", "_rebuild_tensor_v3", "allowed"),
+                     (storage, 0, tuple(shape), tuple(stride), False, hooks,
+                      Global("torch", dtype, "allowed")))
 
 
 def new_tensor(like: TensorRef, shape: Sequence[int], content: Content, *,
@@ -277,5 +323,6 @@ def new_tensor(like: TensorRef, shape: Sequence[int], content: Content, *,
     return TensorRef(Global(func.module, func.name, func.safety), args)
 
 
-__all__ = ["CHUNK_BYTES", "Content", "Derived", "Fill", "Reader", "Zeros", "decode", "encode",
-           "is_contiguous", "lazy_numpy", "new_tensor", "pack_scalar"]
+__all__ = ["CHUNK_BYTES", "Content", "Derived", "Fill", "Raw", "Reader", "Zeros", "decode",
+           "encode", "is_contiguous", "lazy_numpy", "new_tensor", "pack_scalar",
+           "standalone_tensor"]

@@ -66,6 +66,19 @@ CASES: dict[str, tuple[list[str], int]] = {
     "diff_no_such_optimizer": (["diff", "{F}/runs/loop/epoch_1.pt", "{F}/optim_adam.pt",
                                 "--optimizer", "/optim"], 2),
     "set_lr_run_folder": (["set-lr", "{F}/runs/loop", "1e-4"], 1),
+    "sanitize_numpy_metrics": (["sanitize", "{F}/sanitize/numpy_metrics.pt", "--dry-run"], 0),
+    "sanitize_timm_saver": (["sanitize", "{F}/sanitize/timm/last.pth.tar", "-o", "plain.pth"],
+                            0),
+    "sanitize_lightning_dataclass": (["sanitize", "{F}/sanitize/lightning/epoch=0-step=3.ckpt",
+                                      "--dry-run"], 0),
+    "sanitize_hf_trainer": (["sanitize", "{F}/hf_trainer/checkpoint-4", "-o", "plain"], 0),
+    "sanitize_accelerate": (["sanitize", "{F}/accelerate_state", "--dry-run"], 0),
+    "sanitize_deepspeed": (["sanitize", "{F}/deepspeed", "-o", "plain"], 0),
+    "sanitize_imagenet_nothing": (["sanitize", "{F}/imagenet_style.pth", "-o", "same.pth"], 0),
+    "sanitize_mmengine_unknown": (["sanitize", "{F}/mmengine", "--dry-run"], 1),
+    "sanitize_mmengine_drop": (["sanitize", "{F}/mmengine", "--keep-unknown", "drop",
+                                "--dry-run"], 0),
+    "sanitize_unsafe": (["sanitize", "{F}/unsafe_exec.pt", "-o", "clean.pt"], 4),
 }
 
 

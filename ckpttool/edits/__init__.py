@@ -9,7 +9,8 @@ is the edited checkpoint; the checkpoint given is never changed, so edits chain
 * :func:`~.set_hparams.set_hparams` - hyperparameters checked against the optimizer's type;
 * :func:`~.move.move` - device tags of storages (every storage, in opaque objects too);
 * :func:`~.merge_groups.merge_groups` - param groups merged, state and scheduler following;
-* :func:`~.convert.convert` - another optimizer type, running moments carried over.
+* :func:`~.convert.convert` - another optimizer type, running moments carried over;
+* :func:`~.sanitize.sanitize` - values ``torch.load(weights_only=True)`` refuses made plain.
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ def parse_value(text: str) -> Any:
 from .convert import convert  # noqa: E402
 from .merge_groups import merge_groups  # noqa: E402
 from .move import move  # noqa: E402
+from .sanitize import sanitize  # noqa: E402
 from .set_hparams import set_hparams  # noqa: E402
 from .set_lr import set_lr  # noqa: E402
 
 __all__ = ["ABSENT", "Change", "Plan", "TreeEditor", "as_number", "close", "convert", "merge_groups",
-           "move", "parse_value", "set_hparams", "set_lr"]
+           "move", "parse_value", "sanitize", "set_hparams", "set_lr"]
