@@ -37,7 +37,7 @@ def sanitize(path: str | os.PathLike[str] | Checkpoint, *, keep_unknown: str = "
     ``ckpttool.save.save(plan, out)``. An unsafe file raises :class:`UnsafeCheckpointError`.
     See :mod:`ckpttool.edits.sanitize`."""
     from .edits.sanitize import sanitize as _sanitize
-    ckpt = path if isinstance(path, Checkpoint) else open_for_edit(path)
+    ckpt = path if isinstance(path, Checkpoint) else open_for_edit(path, "sanitize")
     return _sanitize(ckpt, keep_unknown)
 
 

@@ -786,6 +786,17 @@ def _folder_kind(names: set[str]) -> str:
     return "folder"
 
 
+def refuse_torchscript(ckpt: Checkpoint, command: str) -> None:
+    """A TorchScript archive takes ``move`` only: any other edit raises :class:`EditError`."""
+    from .errors import EditError
+    if any(f.format == "torchscript" for f in ckpt.files):
+        raise EditError(f"a TorchScript archive (torch.jit.save) holds a compiled module, "
+                        f"with no optimizer or scheduler state: {command} does not apply to "
+                        "it; only move does", path=ckpt.path,
+                        hint="to change the module, torch.jit.load it (if you trust it), edit "
+                             "it and torch.jit.save it again")
+
+
 def open_for_edit(path: str | os.PathLike[str], command: str = "") -> Checkpoint:
     """Open a checkpoint that is about to be edited and saved: an unsafe one is refused here,
     before any edit (:class:`UnsafeCheckpointError`), and so is a format ckpttool reads but
@@ -797,12 +808,8 @@ def open_for_edit(path: str | os.PathLike[str], command: str = "") -> Checkpoint
         raise UnsafeCheckpointError(
             "refusing to edit: " + ckpt.safety.headline() + ". Nothing was written.",
             path=ckpt.path)
-    if command and command != "move" and any(f.format == "torchscript" for f in ckpt.files):
-        raise EditError(f"a TorchScript archive (torch.jit.save) holds a compiled module, "
-                        f"with no optimizer or scheduler state: {command} does not apply to "
-                        "it; only move does", path=ckpt.path,
-                        hint="to change the module, torch.jit.load it (if you trust it), edit "
-                             "it and torch.jit.save it again")
+    if command and command != "move":
+        refuse_torchscript(ckpt, command)
     flat = [o.pointer or "/" for o in ckpt.optimizers if o.flattened]
     if flat:
         raise CkptError(f"the optimizer state at {', '.join(flat)} is in the flattened form "

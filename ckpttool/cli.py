@@ -487,7 +487,7 @@ def sanitize(path: str, keep_unknown: str, as_json: bool, output: str | None, fo
     from .edits.sanitize import sanitize as sanitize_edit
 
     def go() -> None:
-        plan = sanitize_edit(open_for_edit(path), keep_unknown)
+        plan = sanitize_edit(open_for_edit(path, "sanitize"), keep_unknown)
         if not as_json:
             _finish(plan, output, force, backup, dry_run, table=True)
             return

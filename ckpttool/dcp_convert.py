@@ -354,7 +354,7 @@ def to_dcp(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
     """Write checkpoint file ``source`` as a one-rank DCP folder ``output`` (see the module
     doc)."""
     from .checkpoint import open_for_edit
-    ckpt = open_for_edit(source)
+    ckpt = open_for_edit(source, "to-dcp")
     if ckpt.is_folder or ckpt.kind == "dcp":
         raise CkptError("to-dcp converts one torch.save file", path=ckpt.path,
                         hint="a DCP folder is already one; for a Trainer or accelerate folder "

@@ -75,8 +75,8 @@ CASES: dict[str, tuple[list[str], int]] = {
     "sanitize_accelerate": (["sanitize", "{F}/accelerate_state", "--dry-run"], 0),
     "sanitize_deepspeed": (["sanitize", "{F}/deepspeed", "-o", "plain"], 0),
     "sanitize_imagenet_nothing": (["sanitize", "{F}/imagenet_style.pth", "-o", "same.pth"], 0),
-    "sanitize_mmengine_unknown": (["sanitize", "{F}/mmengine", "--dry-run"], 1),
-    "sanitize_mmengine_drop": (["sanitize", "{F}/mmengine", "--keep-unknown", "drop",
+    "sanitize_mmengine_unknown": (["sanitize", "{F}/mmengine/iter_4.pth", "--dry-run"], 1),
+    "sanitize_mmengine_drop": (["sanitize", "{F}/mmengine/iter_4.pth", "--keep-unknown", "drop",
                                 "--dry-run"], 0),
     "sanitize_unsafe": (["sanitize", "{F}/unsafe_exec.pt", "-o", "clean.pt"], 4),
 }

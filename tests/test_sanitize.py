@@ -163,7 +163,7 @@ PROOF = {
     "numpy_metrics": ("sanitize/numpy_metrics.pt", "/optimizer", "Adam", 17),
     "deepspeed": ("deepspeed", ("/zero_pp_rank_0_mp_rank_00_optim_states.pt/"
                                 "optimizer_state_dict/base_optimizer_state"), "AdamW", 6),
-    "lightning_dataclass": ("sanitize/lightning", "/epoch=0-step=3.ckpt/optimizer_states/0",
+    "lightning_dataclass": ("sanitize/lightning/epoch=0-step=3.ckpt", "/optimizer_states/0",
                             "AdamW", 2),
     "opaque": ("opaque.pt", "/optimizer", "SGD", 3),
 }
@@ -232,13 +232,18 @@ print(json.dumps({"legacy": legacy, "generator": gen, "losses": m["losses"].toli
 
 
 def _every_fixture() -> list[str]:
+    from ckpttool.run import is_run, run_members
     names = []
     for p in sorted(FIXTURES.iterdir()):
         if p.name in ("sanitize", "peft_trainer", "hf_trainer") or p.name.startswith(".") \
                 or p.suffix in (".py", ".md", ".json"):
             continue
-        names.append(p.name)
-    names += ["hf_trainer/checkpoint-4", "peft_trainer/checkpoint-4", "sanitize/lightning", "sanitize/numpy_metrics.pt",
+        if is_run(p):  # a folder of independent checkpoints: each of them
+            names += [f"{p.name}/{m.rstrip('/')}" for m in run_members(str(p))]
+        else:
+            names.append(p.name)
+    names += ["hf_trainer/checkpoint-4", "peft_trainer/checkpoint-4", "sanitize/lightning/epoch=0-step=3.ckpt",
+              "sanitize/numpy_metrics.pt",
               "sanitize/timm/last.pth.tar"]
     return names
 
@@ -258,7 +263,8 @@ def test_every_fixture(tmp_path: Path) -> None:
         else:
             assert not out.exists()
     assert {n: c for n, c in outcomes.items() if c} == {
-        "mmengine": 1, "unsafe_exec.pt": 4, "unsafe_os_system.pt": 4}
+        "mmengine/iter_4.pth": 1, "unsafe_exec.pt": 4, "unsafe_os_system.pt": 4,
+        "wild/scripted.pt": 1, "wild/traced.pt": 1}  # TorchScript: only move applies
     loaded = fresh_load([{"file": str(f)} for _, out, _ in done for f in pickled_files(out)])
     for src, out, plan in done:
         check_output(src, out, plan, loaded)
@@ -281,23 +287,23 @@ def test_unsafe_is_refused_and_nothing_written(copy_fixture: Any, tmp_path: Path
 
 
 def test_keep_unknown_modes(tmp_path: Path) -> None:
-    src = FIXTURES / "mmengine"
+    src = FIXTURES / "mmengine" / "iter_4.pth"
     r = run("sanitize", src, "-o", tmp_path / "x", code=1)
     assert r.stderr == (
         f"Error: {src}: 4 values have no plain equivalent sanitize knows: "
-        "/iter_4.pth/message_hub/log_scalars/train~1base_lr/statistics_methods/min: "
+        "/message_hub/log_scalars/train~1base_lr/statistics_methods/min: "
         "__builtin__.getattr(mmengine.logging.history_buffer.HistoryBuffer, 'min'); "
-        "/iter_4.pth/message_hub/log_scalars/train~1base_lr/statistics_methods/max: "
+        "/message_hub/log_scalars/train~1base_lr/statistics_methods/max: "
         "__builtin__.getattr(mmengine.logging.history_buffer.HistoryBuffer, 'max'); "
-        "/iter_4.pth/message_hub/log_scalars/train~1base_lr/statistics_methods/current: "
+        "/message_hub/log_scalars/train~1base_lr/statistics_methods/current: "
         "__builtin__.getattr(mmengine.logging.history_buffer.HistoryBuffer, 'current'); "
-        "/iter_4.pth/message_hub/log_scalars/train~1base_lr/statistics_methods/mean: "
+        "/message_hub/log_scalars/train~1base_lr/statistics_methods/mean: "
         "__builtin__.getattr(mmengine.logging.history_buffer.HistoryBuffer, 'mean'); pass "
         "--keep-unknown string to write a description of each, or --keep-unknown drop to "
         "remove them (both listed)\n")
     assert not (tmp_path / "x").exists()
     ckpt = ckpttool.open_for_edit(src)
-    ptr = "/iter_4.pth/message_hub/log_scalars/train~1base_lr/statistics_methods"
+    ptr = "/message_hub/log_scalars/train~1base_lr/statistics_methods"
     as_string = sanitize(ckpt, "string")
     assert as_string.result.resolve(ptr) == {
         k: f"__builtin__.getattr(mmengine.logging.history_buffer.HistoryBuffer, '{k}')"

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Concatenate, ParamSpec
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, refuse_torchscript
 from ..errors import CkptError
 from ..formats.nodes import Reduce, Storage, TensorRef
 from ..newtensors import Fill, new_tensor
@@ -90,6 +90,8 @@ class TreeEditor:
     """
 
     def __init__(self, ckpt: Checkpoint, command: str) -> None:
+        if command != "move":
+            refuse_torchscript(ckpt, command)
         self.ckpt = ckpt
         self.command = command
         self.changes: list[Change] = []

@@ -51,7 +51,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, refuse_torchscript
 from ..errors import EditError
 from ..formats.nodes import DTYPE_ITEMSIZE, Global, Reduce, Storage, TensorRef
 from ..formats.safety import ALLOWED, _class_like, normalize, summarize
@@ -608,6 +608,7 @@ def sanitize(ckpt: Checkpoint, keep_unknown: str = "error") -> Plan:
     """
     if keep_unknown not in KEEP_UNKNOWN:
         raise EditError(f"--keep-unknown takes error, string or drop, not {keep_unknown!r}")
+    refuse_torchscript(ckpt, "sanitize")
     if ckpt.unsafe:
         from ..errors import UnsafeCheckpointError
         raise UnsafeCheckpointError("refusing to sanitize: " + ckpt.safety.headline()
