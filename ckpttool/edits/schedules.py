@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import knowledge
+from .. import deepspeed, knowledge
 from ..checkpoint import Checkpoint
 from ..errors import AmbiguousError, EditError
 from ..locate import OptimizerState, SchedulerState
@@ -37,6 +37,10 @@ def choose_scheduler(ckpt: Checkpoint, opt: OptimizerState, scheduler: str | Non
     """
     if no_scheduler:
         return None
+    ls = deepspeed.launch_schedule(ckpt)
+    if ls is not None and (scheduler is None or scheduler in ls.pointers):
+        raise EditError(ls.message(), path=ckpt.path, pointer=ls.pointers[0],
+                        hint=ls.hint())
     n = len(opt.groups)
     if scheduler is not None:
         for s in ckpt.schedulers:
