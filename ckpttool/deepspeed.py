@@ -321,13 +321,21 @@ class LaunchSchedule:
 
     def message(self) -> str:
         return (f"{self.lr_source()} drives this optimizer. DeepSpeed rebuilds it from the "
-                "config given at launch and the checkpoint keeps only its "
-                "last_batch_iteration, so the lr at the next step comes from that config, "
-                "not from the param groups")
+                "config given at launch (the checkpoint keeps only its last_batch_iteration): "
+                "the first step after resuming uses the groups' lr, every later step the lr "
+                "the schedule computes from that config")
 
     def hint(self) -> str:
-        return (f"change {self.config_keys()} in the DeepSpeed config you launch with, and "
-                "pass --no-scheduler to also change the groups")
+        return (f"change {self.config_keys()} in the DeepSpeed config you launch with; pass "
+                "--no-scheduler to change the groups anyway")
+
+    def note(self) -> str:
+        """What an edit that changed the groups' lr with --no-scheduler must say."""
+        return (f"{self.lr_source()} drives this optimizer and DeepSpeed rebuilds it from the "
+                "config given at launch (the checkpoint keeps only its last_batch_iteration): "
+                "only the first step after resuming uses the edited groups' lr, later steps "
+                f"the schedule's; change {self.config_keys()} in the DeepSpeed config you "
+                "launch with")
 
 
 def launch_schedule(ckpt: Checkpoint, schedulers: list[SchedulerState] | None = None
@@ -397,3 +405,21 @@ def ranks_text(ckpt: Checkpoint, ranks: list[OptimizerState]) -> str:
     stage = f"ZeRO-{stages.pop()}" if len(stages) == 1 else "ZeRO"
     return (f" and its copy in every other rank's file (DeepSpeed {stage}: one optimizer over "
             f"{len(ranks)} rank files)")
+
+
+def refuse_zero(ckpt: Checkpoint, pointer: str | None, what: str) -> None:
+    """An edit that cannot keep a ZeRO rank file's flat partitions loadable stops here."""
+    from .errors import EditError
+    opt = only_logical_optimizer(ckpt) if pointer is None else None
+    if opt is None:
+        opt = next((o for o in ckpt.optimizers if o.pointer == pointer), None) \
+            if pointer is not None else (ckpt.optimizers[0] if len(ckpt.optimizers) == 1
+                                         else None)
+    if opt is not None and _rank_and_suffix(opt.pointer) is not None:
+        raise EditError(f"optimizer {opt.pointer} is a DeepSpeed ZeRO rank file's optimizer: "
+                        "each of its param groups is one flat partition of the model's "
+                        f"parameters, laid out by DeepSpeed, so ckpttool cannot {what} in it",
+                        path=ckpt.path, pointer=opt.pointer,
+                        hint="make the change in the training script or DeepSpeed config and "
+                             "resume with engine.load_checkpoint(..., load_optimizer_states="
+                             "False): the weights still load")

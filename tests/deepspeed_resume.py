@@ -22,7 +22,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "fixtures"))
 
-import make_deepspeed_ranks as gen  # noqa: E402
+import make_deepspeed_ranks as gen
 
 
 def run_rank(name: str, folder: str, steps: int) -> None:

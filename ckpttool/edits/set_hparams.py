@@ -126,8 +126,7 @@ def set_hparams(ckpt: Checkpoint, assignments: dict[str, Any], groups: list[int]
     cfg = _config(ed, ckpt, assignments, len(selected) == n)
     if set(assignments) & set(knowledge.LR_LIKE_GROUP_KEYS) \
             and (ls := deepspeed.launch_schedule(ckpt)) is not None:
-        ed.notes.append(f"{ls.message()}: change {ls.config_keys()} in the DeepSpeed config you "
-                        "launch with")
+        ed.notes.append(ls.note())
     changed = len(ed.changes)
     return ed.finish(f"set: {', '.join(f'{k}={v!r}' for k, v in assignments.items())} in "
                      f"group{'s' if len(selected) > 1 else ''} "

@@ -173,8 +173,7 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
                     ed.set_number(join(ptr, key), new)
     cfg = _config_lr(ed, ckpt, factors, n, exact)
     if no_scheduler and (ls := deepspeed.launch_schedule(ckpt)) is not None:
-        ed.notes.append(f"{ls.message()}: the groups were changed as asked; change "
-                        f"{ls.config_keys()} in the DeepSpeed config you launch with too")
+        ed.notes.append(ls.note())
     if sched is not None:
         if groups is not None:
             hint = ("select every group (drop --group) or pass --no-scheduler")
@@ -220,7 +219,6 @@ def _config_lr(ed: TreeEditor, ckpt: Checkpoint, factors: dict[int, float], n: i
                         "was: the groups changed by different factors")
         return ""
     for c in copies:
-        old = as_number(c.params["lr"])
-        if old is not None and old != new:
+        if as_number(c.params["lr"]) != new:
             ed.set_number(join(c.pointer, "lr"), new)
     return f"; ds_config optimizer lr {new:g} in {len(copies)} file{'s' if len(copies) > 1 else ''}"
