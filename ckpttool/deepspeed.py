@@ -423,3 +423,22 @@ def refuse_zero(ckpt: Checkpoint, pointer: str | None, what: str) -> None:
                         hint="make the change in the training script or DeepSpeed config and "
                              "resume with engine.load_checkpoint(..., load_optimizer_states="
                              "False): the weights still load")
+
+
+def engine_schedulers(ckpt: Checkpoint) -> list[SchedulerState]:
+    """The engine's ``lr_scheduler`` as saved in each model file (ZeRO-3 saves one per rank:
+    copies of one scheduler), in file order."""
+    if not ckpt.is_folder:
+        return []
+    out = []
+    for s in ckpt.schedulers:
+        tokens = split(s.pointer)
+        if len(tokens) == 2 and tokens[1] == "lr_scheduler" and _MODEL_FILE.search(tokens[0]):
+            out.append(s)
+    return out
+
+
+def scheduler_copies(ckpt: Checkpoint, sched: SchedulerState) -> list[SchedulerState]:
+    """Every model file's copy of the engine's scheduler ``sched`` (``[sched]`` otherwise)."""
+    eng = engine_schedulers(ckpt) if is_deepspeed(ckpt) else []
+    return eng if any(s.pointer == sched.pointer for s in eng) else [sched]

@@ -35,15 +35,8 @@ def run_rank(name: str, folder: str, steps: int) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     case = gen.CASES[name]
     model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
-    kwargs: dict = {}
-    if case["optimizer"] is None:
-        kwargs["optimizer"] = torch.optim.AdamW([
-            {"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
-            {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0},
-        ], lr=1e-2)
-    else:
-        kwargs["model_parameters"] = model.parameters()
-    engine, _, _, _ = deepspeed.initialize(model=model, config=gen.config(case), **kwargs)
+    engine, _, _, _ = deepspeed.initialize(model=model, config=gen.config(case),
+                                           **gen.client_objects(case, model))
     path, _ = engine.load_checkpoint(folder)
     assert path is not None, f"nothing loaded from {folder}"
     out = {"rank": torch.distributed.get_rank(),

@@ -24,11 +24,11 @@ from conftest import FIXTURES, run
 from torch_json import load_fixture
 
 RANKS = FIXTURES / "deepspeed_ranks"
-ZERO = ["zero1", "zero2", "zero2_warmup", "zero3", "zero3_warmup"]
+ZERO = ["zero1", "zero2", "zero2_warmup", "zero3", "zero3_warmup", "zero3_steplr"]
 # the ZeRO-3 run whose training is the same as each case's (same optimizer, lr, schedule, data):
 # DeepSpeed's own full per-param optimizer state of that run is the reference for the moments
 SAME_RUN = {"zero1": "zero3_warmup", "zero2": "zero3", "zero2_warmup": "zero3_warmup",
-            "zero3": "zero3", "zero3_warmup": "zero3_warmup"}
+            "zero3": "zero3", "zero3_warmup": "zero3_warmup", "zero3_steplr": "zero3_steplr"}
 OPT = "/zero_pp_rank_{r}_mp_rank_00_optim_states.pt/optimizer_state_dict/{inner}"
 
 
@@ -278,3 +278,58 @@ def test_ranks_that_disagree_are_refused() -> None:
         f"group 0 of optimizer {OPT.format(r=1, inner='base_optimizer_state')} differs from "
         f"rank {OPT.format(r=0, inner='base_optimizer_state')}'s in lr; the ranks of one "
         "DeepSpeed optimizer must agree")
+
+
+def test_set_lr_zero3_scales_every_copy_of_the_engine_scheduler(
+        copy_fixture: Callable[[str], Path]) -> None:
+    """ZeRO-3 saves the engine's (client torch StepLR) scheduler in every rank's model file:
+    set-lr scales each copy, as it changes each rank's optimizer. tests/deepspeed_resume.py on
+    the result (by hand): every rank's steps use 0.001, 0.0005, 0.0005, 0.00025."""
+    folder = copy_fixture("deepspeed_ranks/zero3_steplr")
+    before = files(folder)
+    r = run("set-lr", folder, "1e-3")
+    o0 = OPT.format(r=0, inner="optimizer_state_dict")
+    assert r.stdout == (
+        f"set-lr: lr 0.001 in optimizer {o0} (groups 0, 1 x0.2) and its copy in every other "
+        "rank's file (DeepSpeed ZeRO-3: one optimizer over 2 rank files); scheduler "
+        "/zero_pp_rank_0_mp_rank_00_model_states.pt/lr_scheduler (StepLR) and its copy in "
+        "every other rank's model file scaled to match; 16 values changed; wrote "
+        f"{folder / 'global_step3'}\n")
+    after = files(folder)
+    model = "/zero_pp_rank_{r}_mp_rank_00_model_states.pt/lr_scheduler"
+    expect: dict[str, Any] = {}
+    for r_ in (0, 1):
+        o = OPT.format(r=r_, inner="optimizer_state_dict")
+        for g in (0, 1):
+            expect[f"{o}/param_groups/{g}/lr"] = 1e-3
+            expect[f"{o}/param_groups/{g}/initial_lr"] = 0.01 * (1e-3 / 0.005)
+            expect[f"{model.format(r=r_)}/_last_lr/{g}"] = 1e-3
+            expect[f"{model.format(r=r_)}/base_lrs/{g}"] = 0.01 * (1e-3 / 0.005)
+    changed_only(before, after, expect)
+    # the scaled schedule on torch's own StepLR: the lrs of the next steps are 1/5 of before
+    for r_ in (0, 1):
+        opt = torch.optim.AdamW([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)]}])
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        opt.load_state_dict(after[f"zero_pp_rank_{r_}_mp_rank_00_optim_states.pt"][
+            "optimizer_state_dict"]["optimizer_state_dict"] | {"state": {}})
+        sched.load_state_dict(after[f"zero_pp_rank_{r_}_mp_rank_00_model_states.pt"][
+            "lr_scheduler"])
+        lrs = []
+        for _ in range(4):
+            lrs.append([g["lr"] for g in opt.param_groups])
+            opt.step()
+            sched.step()
+        assert lrs == [[1e-3, 1e-3], [5e-4, 5e-4], [5e-4, 5e-4], [2.5e-4, 2.5e-4]]
+
+
+@pytest.mark.parametrize("args", [["merge-groups"], ["convert", "--to", "SGD"]])
+def test_flat_partitions_are_not_merged_or_converted(args: list[str]) -> None:
+    r = run(*args, RANKS / "zero1", "--dry-run", code=1)
+    what = "merge param groups" if args[0] == "merge-groups" else "convert the optimizer"
+    assert r.stderr == (
+        f"Error: {RANKS / 'zero1' / 'global_step3'}: optimizer "
+        f"{OPT.format(r=0, inner='base_optimizer_state')} is a DeepSpeed ZeRO rank file's "
+        "optimizer: each of its param groups is one flat partition of the model's parameters, "
+        f"laid out by DeepSpeed, so ckpttool cannot {what} in it; make the change in the "
+        "training script or DeepSpeed config and resume with engine.load_checkpoint(..., "
+        "load_optimizer_states=False): the weights still load\n")

@@ -182,14 +182,19 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
                    "--no-scheduler"
         else:
             hint = "pass --no-scheduler"
-        _scale_scheduler(ed, sched, factors, n, hint, exact)
+        for s in deepspeed.scheduler_copies(ckpt, sched):  # ZeRO-3: one per model file
+            _scale_scheduler(ed, s, factors, n, hint, exact)
     if len(factors) > 1 and len(set(factors.values())) == 1:
         kinds = f"groups {', '.join(map(str, factors))} x{next(iter(factors.values())):.6g}"
     else:
         kinds = ", ".join(f"group {g} x{k:.6g}" for g, k in factors.items())
-    sname = f"; scheduler {sched.pointer or '(root)'} ({sched.type}) scaled to match" \
-        if sched else ("; schedulers left unchanged (--no-scheduler)" if no_scheduler
-                       else "; no scheduler")
+    if sched is not None:
+        also = " and its copy in every other rank's model file" \
+            if len(deepspeed.scheduler_copies(ckpt, sched)) > 1 else ""
+        sname = f"; scheduler {sched.pointer or '(root)'} ({sched.type}){also} scaled to match"
+    else:
+        sname = "; schedulers left unchanged (--no-scheduler)" if no_scheduler \
+            else "; no scheduler"
     changed = len(ed.changes)
     copies = deepspeed.ranks_text(ckpt, ranks)
     return ed.finish(f"set-lr: {how} in {where} ({kinds}){copies}{cfg}{sname}; {changed} value"
