@@ -7,9 +7,9 @@ ranks, and print the lr the optimizer uses. Run by hand (deepspeed is not in the
 CASE names the configuration the folder was written with (zero1, zero2, ... as in
 fixtures/make_deepspeed_ranks.py, whose config is reused). Each rank builds the engine,
 ``engine.load_checkpoint(RUN_FOLDER)``, then takes STEPS (default 2) training steps; rank 0
-prints one JSON line per rank: the groups' lr after the load and the lr each step used
-(read from the optimizer's param groups right before ``engine.step()``), and the ds_config
-saved in the checkpoint's model file is not read: DeepSpeed uses the config given here.
+prints one JSON line per rank: the groups' lr, weight_decay and betas after the load and the
+lr each step used (read from the optimizer's param groups right before ``engine.step()``).
+The ds_config saved in the checkpoint is not read: DeepSpeed uses the config given here.
 """
 from __future__ import annotations
 
@@ -40,7 +40,10 @@ def run_rank(name: str, folder: str, steps: int) -> None:
     path, _ = engine.load_checkpoint(folder)
     assert path is not None, f"nothing loaded from {folder}"
     out = {"rank": torch.distributed.get_rank(),
-           "loaded_lr": [g["lr"] for g in engine.optimizer.param_groups], "step_lr": []}
+           "loaded_lr": [g["lr"] for g in engine.optimizer.param_groups],
+           "loaded_weight_decay": [g["weight_decay"] for g in engine.optimizer.param_groups],
+           "loaded_betas": [list(g["betas"]) for g in engine.optimizer.param_groups],
+           "step_lr": []}
     g = torch.Generator().manual_seed(1234)
     x, y = torch.randn(5, 4, generator=g), torch.randn(5, 2, generator=g)
     for _ in range(steps):
