@@ -237,6 +237,11 @@ def _rank_and_suffix(pointer: str) -> tuple[int, str] | None:
     return None
 
 
+def is_rank_optimizer(pointer: str) -> bool:
+    """Is ``pointer`` the torch optimizer inside a ZeRO rank file?"""
+    return _rank_and_suffix(pointer) is not None
+
+
 def rank_optimizers(ckpt: Checkpoint, opt: OptimizerState) -> list[OptimizerState]:
     """Every rank's copy of the logical optimizer ``opt`` is one of (rank order), or
     ``[opt]`` when ``opt`` is not a DeepSpeed ZeRO rank file's optimizer."""
