@@ -325,10 +325,13 @@ class LaunchSchedule:
         return "scheduler.params." + " / ".join(keys)
 
     def message(self) -> str:
+        where = self.pointers[0] + (f" and {len(self.pointers) - 1} more model file"
+                                    f"{'s' if len(self.pointers) > 2 else ''}"
+                                    if len(self.pointers) > 1 else "")
         return (f"{self.lr_source()} drives this optimizer. DeepSpeed rebuilds it from the "
-                "config given at launch (the checkpoint keeps only its last_batch_iteration): "
-                "the first step after resuming uses the groups' lr, every later step the lr "
-                "the schedule computes from that config")
+                "config given at launch; the checkpoint keeps only its last_batch_iteration "
+                f"({where}): the first step after resuming uses the groups' lr, every later "
+                "step the lr the schedule computes from that config")
 
     def hint(self) -> str:
         return (f"change {self.config_keys()} in the DeepSpeed config you launch with; pass "
