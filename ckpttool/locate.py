@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import knowledge
+from .deepspeed import is_rank_optimizer
 from .formats.nodes import Reduce, TensorRef
 from .formats.safetensors import SafeTensor
 from .tree import children, join, split, walk
@@ -385,6 +386,10 @@ def locate(ckpt: Checkpoint) -> Found:
     from .names import attach_names
     for opt in found.optimizers:
         attach_names(opt, found.models)
+        if opt.names_source is None and is_rank_optimizer(opt.pointer):
+            opt.names_note = ("a DeepSpeed ZeRO rank file: each param id is one group's flat "
+                              "partition of several parameters (see the DeepSpeed ZeRO "
+                              "partitions)")
     return found
 
 

@@ -187,10 +187,12 @@ def show_json(ckpt: Checkpoint, pointer: str | None = None, stats: bool = False
         "models": [model_json(m) for m in ckpt.models],
         "torchscript": _torchscript_json(ckpt),
         "deepspeed_zero": [{"file": z.file, "rank": z.rank, "group": z.group,
+                            "stage": z.stage, "fp32": z.fp32, "state": z.state,
                             "partition_numel": z.partition_numel, "padding": z.padding,
                             "params": [{"name": s.name, "shape": list(s.shape)
                                         if s.shape is not None else None,
-                                        "start": s.start, "numel": s.numel} for s in z.slices]}
+                                        "start": s.start, "numel": s.numel,
+                                        "offset": s.offset} for s in z.slices]}
                            for z in zero_groups(ckpt)],
     }
 
@@ -214,7 +216,7 @@ def plan_text(plan: Plan) -> str:
     """The ``--dry-run`` report: a before/after table of the changes, then the summary."""
     rows = [[c.pointer or "(root)", fmt(c.before), fmt(c.after)] for c in plan.changes]
     table = tabulate(rows, ["pointer", "before", "after"]) if rows else "(no changes)"
-    return f"{table}\n{plan.summary}"
+    return "\n".join([table, plan.summary] + [f"note: {n}" for n in plan.notes])
 
 
 # ------------------------------------------------------------------------------ text
@@ -312,12 +314,18 @@ def show_text(ckpt: Checkpoint, pointer: str | None = None, show_all: bool = Fal
                   f"last_lr={fmt(s.last_lr)}"]
     zero = zero_groups(ckpt) if pointer is None else []
     if zero:
-        lines += ["", "DeepSpeed ZeRO partitions (param_slice_mappings: each param's elements "
-                      "in the flat fp32 partition and moments):"]
+        stages = sorted({z.stage for z in zero if z.stage is not None})
+        how = ("param_slice_mappings" if 3 not in stages else
+               "param_shapes, ceil(numel / ranks) elements of each param per rank")
+        name = "/".join(f"ZeRO-{s}" for s in stages) or "ZeRO"
+        lines += ["", f"DeepSpeed {name} partitions ({how}): each param's elements in each "
+                      "rank's flat fp32 partition and its moments (exp_avg, ...):"]
         rows = [[f"{z.rank}", z.group, s.name, list(s.shape) if s.shape is not None else "?",
+                 f"[{s.offset}, {s.offset + s.numel})" if s.offset is not None else "?",
                  f"[{s.start}, {s.start + s.numel})"]
                 for z in zero for s in z.slices]
-        lines.append(_indent(tabulate(rows, ["rank", "group", "param", "shape", "elements"])))
+        lines.append(_indent(tabulate(rows, ["rank", "group", "param", "shape",
+                                             "param elements", "partition elements"])))
     if ckpt.models and pointer is None:
         rows = [[m.pointer or "(root)", len(m.tensors), f"{m.elements:,}", _human(m.nbytes),
                  ", ".join(f"{k} x{n}" for k, n in m.dtypes.items())] for m in ckpt.models]

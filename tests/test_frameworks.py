@@ -291,8 +291,9 @@ def test_deepspeed_run_folder_follows_latest(tmp_path: Path) -> None:
     assert r.stdout.splitlines()[:2] == [f"file:    {run_dir / 'global_step3'}",
                                          f"via:     {run_dir / 'latest'} names global_step3"]
     r = run("set-lr", run_dir, "1e-4", "--no-scheduler")
-    assert r.stderr == (f"note: edited {run_dir / 'global_step3'} ({run_dir / 'latest'} names "
-                        "global_step3)\n")
+    assert r.stderr.splitlines()[1:] == [f"note: edited {run_dir / 'global_step3'} "
+                                         f"({run_dir / 'latest'} names global_step3)"]
+    assert r.stderr.startswith("note: DeepSpeed's WarmupLR schedule")  # tests/test_deepspeed
     assert r.stdout == (
         "set-lr: lr 0.0001 in optimizer /zero_pp_rank_0_mp_rank_00_optim_states.pt/"
         "optimizer_state_dict/base_optimizer_state (groups 0, 1 x0.01); schedulers left "

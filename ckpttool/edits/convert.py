@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .. import knowledge
+from .. import deepspeed, knowledge
 from ..checkpoint import Checkpoint
 from ..errors import AmbiguousError, EditError
 from ..formats.nodes import TensorRef
@@ -381,6 +381,7 @@ def convert(ckpt: Checkpoint, to: str, *, sets: dict[str, Any] | None = None,
                         "on DCP folders", path=ckpt.path,
                         hint="`ckpttool to-file` it, convert the file, and `ckpttool to-dcp` the "
                              "result")
+    deepspeed.refuse_zero(ckpt, optimizer, "convert the optimizer")
     opt = ckpt.optimizer(optimizer)
     where = f"optimizer {opt.pointer or '(root)'}"
     if opt.type == knowledge.UNKNOWN or opt.type in NOT_TARGETS:

@@ -12,7 +12,7 @@ import copy
 import math
 from typing import Any
 
-from .. import knowledge
+from .. import deepspeed, knowledge
 from ..checkpoint import Checkpoint
 from ..errors import EditError
 from ..locate import SchedulerState, is_name_keyed
@@ -47,6 +47,7 @@ def merge_groups(ckpt: Checkpoint, groups: list[int] | None = None,
             order is unknown (without ``force``); the scheduler cannot follow.
     """
     sets = dict(sets or {})
+    deepspeed.refuse_zero(ckpt, optimizer, "merge param groups")
     opt = ckpt.optimizer(optimizer)
     where = f"optimizer {opt.pointer or '(root)'}"
     raw = opt.raw

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import knowledge
+from .. import deepspeed, knowledge
 from ..checkpoint import Checkpoint
 from ..errors import AmbiguousError, EditError
 from ..locate import OptimizerState, SchedulerState
@@ -37,7 +37,21 @@ def choose_scheduler(ckpt: Checkpoint, opt: OptimizerState, scheduler: str | Non
     """
     if no_scheduler:
         return None
+    ls = deepspeed.launch_schedule(ckpt)
+    if ls is not None and (scheduler is None or scheduler in ls.pointers):
+        raise EditError(ls.message(), path=ckpt.path, pointer=ls.pointers[0],
+                        hint=ls.hint())
     n = len(opt.groups)
+    engine = deepspeed.engine_schedulers(ckpt) if deepspeed.is_deepspeed(ckpt) else []
+    if engine and scheduler is None:  # DeepSpeed: the engine's scheduler, one copy per file
+        _refuse_unknown(ckpt, [s for s in engine if not s.known], action)
+        count = group_count(engine[0])
+        if count not in (None, n):
+            raise EditError(f"the DeepSpeed engine's scheduler {_name(engine[0].pointer)} keeps "
+                            f"{count} per-group entries but optimizer {_name(opt.pointer)} has "
+                            f"{n} groups", path=ckpt.path, pointer=engine[0].pointer,
+                            hint="pass --no-scheduler to change only the optimizer")
+        return engine[0]
     if scheduler is not None:
         for s in ckpt.schedulers:
             if s.pointer == scheduler:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .. import knowledge
+from .. import deepspeed, knowledge
 from ..checkpoint import Checkpoint
 from ..errors import EditError
 from ..formats.nodes import TensorRef
@@ -64,7 +64,7 @@ def set_hparams(ckpt: Checkpoint, assignments: dict[str, Any], groups: list[int]
         The plan. Turning on an option that needs state adds it (zeros, streamed at write
         time); turning it off removes it.
     """
-    opt = ckpt.optimizer(optimizer)
+    opt, ranks = deepspeed.logical_optimizer(ckpt, optimizer)
     where = f"optimizer {opt.pointer or '(root)'}"
     n = len(opt.groups)
     selected = list(range(n)) if groups is None else list(dict.fromkeys(groups))
@@ -98,9 +98,9 @@ def set_hparams(ckpt: Checkpoint, assignments: dict[str, Any], groups: list[int]
             raise EditError(f"{opt.type}.{key} expects a value like {default!r}, got {value!r}",
                             path=ckpt.path, pointer=opt.pointer, key=key)
     ed = TreeEditor(ckpt, "set")
-    for g in selected:
-        ptr = join(join(opt.pointer, "param_groups"), g)
-        before = opt.raw["param_groups"][g]
+    for o, g in [(o, g) for o in ranks for g in selected]:  # DeepSpeed ZeRO: every rank
+        ptr = join(join(o.pointer, "param_groups"), g)
+        before = o.raw["param_groups"][g]
         after = dict(before)
         for key, value in assignments.items():
             default = info.defaults.get(key) if info else None
@@ -122,11 +122,16 @@ def set_hparams(ckpt: Checkpoint, assignments: dict[str, Any], groups: list[int]
                 continue
             ed.set(join(ptr, key), value)
         if info is not None:
-            _sync_state(ed, opt, g, before, after, info)
+            _sync_state(ed, o, g, before, after, info)
+    cfg = _config(ed, ckpt, assignments, len(selected) == n)
+    if set(assignments) & set(knowledge.LR_LIKE_GROUP_KEYS) \
+            and (ls := deepspeed.launch_schedule(ckpt)) is not None:
+        ed.notes.append(ls.note())
     changed = len(ed.changes)
     return ed.finish(f"set: {', '.join(f'{k}={v!r}' for k, v in assignments.items())} in "
                      f"group{'s' if len(selected) > 1 else ''} "
-                     f"{', '.join(map(str, selected))} of {where} ({opt.type}); "
+                     f"{', '.join(map(str, selected))} of {where} ({opt.type})"
+                     f"{deepspeed.ranks_text(ckpt, ranks)}{cfg}; "
                      f"{changed} value{'' if changed == 1 else 's'} changed")
 
 
@@ -154,3 +159,31 @@ def _sync_state(ed: TreeEditor, opt: OptimizerState, g: int, before: dict[str, A
                     ed.set(join(sptr, key), t, shown=f"zeros{list(shape)}")
                 elif not now and key in entries:
                     ed.delete(join(sptr, key))
+
+
+def _config(ed: TreeEditor, ckpt: Checkpoint, assignments: dict[str, Any], every_group: bool
+            ) -> str:
+    """Set the keys the DeepSpeed config's optimizer params also hold (its copies in the
+    checkpoint: ``ds_config["optimizer"]["params"]``); a summary part."""
+    copies = deepspeed.config_copies(ckpt)
+    keys = [k for k in assignments if any(k in c.params for c in copies)]
+    if not keys:
+        return ""
+    if not every_group:
+        ed.notes.append(f"the DeepSpeed config's optimizer {', '.join(keys)} (ds_config) was "
+                        "left as it was: it applies to every group, and only some changed")
+        return ""
+    for c in copies:
+        for key in keys:
+            if key not in c.params:
+                continue
+            old, value = c.params[key], assignments[key]
+            if isinstance(old, list) and isinstance(value, (list, tuple)):
+                value = list(value)  # the config came from JSON
+            elif isinstance(old, float) and isinstance(value, int) \
+                    and not isinstance(value, bool):
+                value = float(value)
+            if not (old == value and type(old) is type(value)):
+                ed.set(join(c.pointer, key), value)
+    return (f"; ds_config optimizer {', '.join(keys)} in {len(copies)} "
+            f"file{'s' if len(copies) > 1 else ''}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from .. import knowledge
+from .. import deepspeed, knowledge
 from ..checkpoint import Checkpoint
 from ..errors import AmbiguousError, EditError
 from ..locate import OptimizerState, SchedulerState
@@ -106,7 +106,7 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
         raise EditError(f"the {what} must be positive and finite, got {value}")
     if ratios not in (None, "keep", "same"):
         raise EditError(f"ratios must be 'keep' or 'same', not {ratios!r}")
-    opt = ckpt.optimizer(optimizer)
+    opt, ranks = deepspeed.logical_optimizer(ckpt, optimizer)
     where = f"optimizer {opt.pointer or '(root)'}"
     n = len(opt.groups)
     selected = list(range(n)) if groups is None else list(dict.fromkeys(groups))
@@ -157,19 +157,23 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
         how = f"{what} {lr:g}"
     ed = TreeEditor(ckpt, "set-lr")
     exact: dict[int, tuple[float, float]] = {}
-    for g, k in factors.items():
-        ptr = join(join(opt.pointer, "param_groups"), g)
-        hp = opt.groups[g].hyperparameters
-        for key in LR_GROUP_KEYS:
-            x = as_number(hp.get(key))
-            if x is None:
-                continue
-            target = targets.get(g) if key == "lr" and not base_lr else None
-            new = target if target is not None else x * k
-            if key == "lr":
-                exact[g] = (x, new)
-            if new != x:
-                ed.set_number(join(ptr, key), new)
+    for o in ranks:  # a DeepSpeed ZeRO optimizer: every rank's file holds the same groups
+        for g, k in factors.items():
+            ptr = join(join(o.pointer, "param_groups"), g)
+            hp = o.groups[g].hyperparameters
+            for key in LR_GROUP_KEYS:
+                x = as_number(hp.get(key))
+                if x is None:
+                    continue
+                target = targets.get(g) if key == "lr" and not base_lr else None
+                new = target if target is not None else x * k
+                if key == "lr" and o is opt:
+                    exact[g] = (x, new)
+                if new != x:
+                    ed.set_number(join(ptr, key), new)
+    cfg = _config_lr(ed, ckpt, factors, n, exact)
+    if no_scheduler and (ls := deepspeed.launch_schedule(ckpt)) is not None:
+        ed.notes.append(ls.note())
     if sched is not None:
         if groups is not None:
             hint = ("select every group (drop --group) or pass --no-scheduler")
@@ -178,14 +182,48 @@ def set_lr(ckpt: Checkpoint, lr: float | None = None, *, scale: float | None = N
                    "--no-scheduler"
         else:
             hint = "pass --no-scheduler"
-        _scale_scheduler(ed, sched, factors, n, hint, exact)
+        for s in deepspeed.scheduler_copies(ckpt, sched):  # ZeRO-3: one per model file
+            _scale_scheduler(ed, s, factors, n, hint, exact)
     if len(factors) > 1 and len(set(factors.values())) == 1:
         kinds = f"groups {', '.join(map(str, factors))} x{next(iter(factors.values())):.6g}"
     else:
         kinds = ", ".join(f"group {g} x{k:.6g}" for g, k in factors.items())
-    sname = f"; scheduler {sched.pointer or '(root)'} ({sched.type}) scaled to match" \
-        if sched else ("; schedulers left unchanged (--no-scheduler)" if no_scheduler
-                       else "; no scheduler")
+    if sched is not None:
+        also = " and its copy in every other rank's model file" \
+            if len(deepspeed.scheduler_copies(ckpt, sched)) > 1 else ""
+        sname = f"; scheduler {sched.pointer or '(root)'} ({sched.type}){also} scaled to match"
+    else:
+        sname = "; schedulers left unchanged (--no-scheduler)" if no_scheduler \
+            else "; no scheduler"
     changed = len(ed.changes)
-    return ed.finish(f"set-lr: {how} in {where} ({kinds}){sname}; {changed} value"
+    copies = deepspeed.ranks_text(ckpt, ranks)
+    return ed.finish(f"set-lr: {how} in {where} ({kinds}){copies}{cfg}{sname}; {changed} value"
                      f"{'' if changed == 1 else 's'} changed")
+
+
+def _config_lr(ed: TreeEditor, ckpt: Checkpoint, factors: dict[int, float], n: int,
+               exact: dict[int, tuple[float, float]]) -> str:
+    """Change the lr in the copies of the DeepSpeed config the checkpoint keeps
+    (``ds_config["optimizer"]["params"]["lr"]``), as the groups changed; a summary part."""
+    copies = [c for c in deepspeed.config_copies(ckpt) if as_number(c.params.get("lr")) is not None]
+    if not copies:
+        return ""
+    x = as_number(copies[0].params["lr"])
+    assert x is not None
+    ks = set(factors.values())
+    new: float | None = None
+    for old, target in exact.values():  # a group that had the config's lr: its new lr
+        if close(old, x):
+            new = target
+            break
+    if new is None and len(factors) == n and len(ks) == 1:
+        new = x * ks.pop()
+    if new is None:
+        ed.notes.append(f"the DeepSpeed config's optimizer lr ({x:g}, ds_config in "
+                        f"{len(copies)} file{'s' if len(copies) > 1 else ''}) was left as it "
+                        "was: the groups changed by different factors")
+        return ""
+    for c in copies:
+        if as_number(c.params["lr"]) != new:
+            ed.set_number(join(c.pointer, "lr"), new)
+    return f"; ds_config optimizer lr {new:g} in {len(copies)} file{'s' if len(copies) > 1 else ''}"
