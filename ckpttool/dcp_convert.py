@@ -33,15 +33,12 @@ from typing import Any
 
 from .checkpoint import Checkpoint, _read_zip, open_checkpoint, read_tensor_bytes
 from .errors import CkptError, EditError, UnsafeCheckpointError, WriteError
-from .formats.nodes import DTYPE_ITEMSIZE, STORAGE_DTYPES, Global, Storage, TensorRef
+from .formats.nodes import DTYPE_ITEMSIZE, TensorRef
 from .formats.safetensors import SafeTensor
 from .formats.safety import Safety
-from .newtensors import CHUNK_BYTES, contiguous_stride, is_contiguous
+from .newtensors import CHUNK_BYTES, contiguous_stride, is_contiguous, standalone_tensor
 from .tree import join, resolve
 from .writer import TMP_SUFFIX, WriteResult, fsync_dir, write_new
-
-_STORAGE_CLASS = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
-
 
 @dataclass
 class ConvertResult:
@@ -117,25 +114,6 @@ class Gathered:
         view = memoryview(buf)
         for i in range(0, len(buf), chunk_bytes):
             yield view[i:i + chunk_bytes]
-
-
-def fresh_tensor(shape: tuple[int, ...], dtype: str, content: Any,
-                 location: str = "cpu") -> TensorRef:
-    """A new contiguous tensor as torch.save pickles one (``_rebuild_tensor_v2`` over a typed
-    storage; ``_rebuild_tensor_v3`` with the dtype where torch has no typed storage class)."""
-    numel = math.prod(shape)
-    cls = _STORAGE_CLASS.get(dtype)
-    if cls is not None:
-        storage = Storage(("storage", Global("torch", cls, "allowed"), "new", location, numel),
-                          content=content)
-        args: tuple[Any, ...] = (storage, 0, tuple(shape), contiguous_stride(shape), False,
-                                 OrderedDict())
-        return TensorRef(Global("torch._utils", "_rebuild_tensor_v2", "allowed"), args)
-    storage = Storage(("storage", Global("torch", "UntypedStorage", "allowed"), "new", location,
-                       numel * DTYPE_ITEMSIZE[dtype]), content=content)
-    args = (storage, 0, tuple(shape), contiguous_stride(shape), False, OrderedDict(),
-            Global("torch", dtype, "allowed"))
-    return TensorRef(Global("torch._utils", "_rebuild_tensor_v3", "allowed"), args)
 
 
 def _chunk_pieces(folder: str, fqn: str, t: SafeTensor, safety: Safety,
@@ -263,8 +241,8 @@ def to_file(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
             fqn = ".".join(keys)
             pieces = _chunk_pieces(ckpt.path, fqn, node, safety, transforms)
             count[0] += 1
-            return fresh_tensor(node.shape, node.dtype,
-                                Gathered(ckpt.path, fqn, node.shape, node.dtype, pieces))
+            return standalone_tensor(node.dtype, node.shape, contiguous_stride(node.shape),
+                                     Gathered(ckpt.path, fqn, node.shape, node.dtype, pieces))
         if isinstance(node, dict):
             return {k: materialize(v, keys + (str(k),)) for k, v in node.items()}
         if isinstance(node, list):
@@ -485,5 +463,5 @@ def _load_tensor(torch: Any, ref: TensorRef) -> Any:
     return flat.as_strided(tuple(ref.shape), tuple(ref.stride)).contiguous()
 
 
-__all__ = ["ConvertResult", "Gathered", "fresh_tensor", "ids_to_names", "names_to_ids",
+__all__ = ["ConvertResult", "Gathered", "ids_to_names", "names_to_ids",
            "to_dcp", "to_file"]

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import EditError
 from .formats.nodes import DTYPE_ITEMSIZE, STORAGE_DTYPES, Global, Storage, TensorRef
@@ -236,7 +236,16 @@ class Raw:
         return self.label
 
 
-Content = Zeros | Fill | Derived | Raw
+class Content(Protocol):
+    """What the writer needs of a new storage's bytes (:class:`Zeros`, :class:`Fill`,
+    :class:`Derived`, :class:`Raw`, and ``dcp_convert.Gathered``)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes | memoryview]: ...
+
+    def describe(self) -> str: ...
 
 
 def contiguous_stride(shape: Sequence[int]) -> tuple[int, ...]:
