@@ -109,12 +109,16 @@ class Checkpoint:
         # how this checkpoint was reached from the path the user gave, if not directly (a
         # DeepSpeed run folder's ``latest``)
         self.followed: str | None = None
+        # the pickle protocol to write a file in, by file name, where an edit chose one
+        # (sanitize: 2, the only one torch's weights-only unpickler reads); else the file's own
+        self.protocols: dict[str, int] = {}
 
     def derive(self, root: Any) -> Checkpoint:
         """A checkpoint over the same files whose tree is ``root`` (an edit's result)."""
         roots = dict(root) if self.is_folder else {self.files[0].name: root}
         out = Checkpoint(self.path, self.kind, self.files, roots, self.other_files)
         out.followed = self.followed
+        out.protocols = dict(self.protocols)
         return out
 
     # -- the tree --------------------------------------------------------------------------

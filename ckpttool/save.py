@@ -81,13 +81,14 @@ def save(edited: Plan | Checkpoint, output: str | None = None, *, force: bool = 
             copy_file(f.path, output, force=force)
             return SaveResult(output, False, copied=[os.path.basename(f.path)])
         w = write_file(f, ckpt.roots[f.name], output, force=force, backup=backup,
-                       progress=progress)
+                       progress=progress, protocol=ckpt.protocols.get(f.name))
         return SaveResult(output if output is not None else ckpt.path, True, [w])
     if output is None:
         result = SaveResult(ckpt.path, bool(touched))
         for name in _order(ckpt):
             result.written.append(write_file(files[name], ckpt.roots[name], None, force=force,
-                                             backup=backup, progress=progress))
+                                             backup=backup, progress=progress,
+                                             protocol=ckpt.protocols.get(name)))
         return result
     return _save_folder(ckpt, output, force, progress)
 
@@ -128,7 +129,7 @@ def _save_folder(ckpt: Checkpoint, output: str, force: bool,
         if name not in touched:
             return False
         result.written.append(write_file(files[name], ckpt.roots[name], dest, force=True,
-                                         progress=progress))
+                                         progress=progress, protocol=ckpt.protocols.get(name)))
         return True
     result.copied = copy_folder(ckpt.path, output, force, write_top=write_top)
     return result

@@ -312,7 +312,7 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
                new_records: dict[Any, NewRecord] | None = None,
                force: bool = False, backup: bool = False,
                progress: Progress | None = None,
-               verify_crc: bool = False) -> WriteResult:
+               verify_crc: bool = False, protocol: int | None = None) -> WriteResult:
     """Write ``root`` (default: ``source.root``) as a torch.save zip file, crash-safely.
 
     ``source``: the file the tree was read from (where unchanged tensor bytes are copied
@@ -321,7 +321,8 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
     :class:`Storage` object or its key as read (bytes, a :class:`Payload` or ``(size,
     chunks)``); a storage that is new in the tree must be given here. A new device tag is an edit
     of the tree (``storage.pid``, see :mod:`ckpttool.edits.move`). ``progress(done, total)``
-    is called as payload bytes are written. Returns a :class:`WriteResult`.
+    is called as payload bytes are written. ``protocol``: the pickle protocol of the new
+    ``data.pkl`` (default: the source's). Returns a :class:`WriteResult`.
     """
     if source.safety.unsafe:
         raise UnsafeCheckpointError(
@@ -352,9 +353,10 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
             if source.format == "torch-zip":
                 assert source.archive is not None
                 src_pkl = read_record(source.path, fd, source.archive.records["data.pkl"])
-                protocol = src_pkl[1] if src_pkl[:1] == b"\x80" else 2
+                if protocol is None:  # the source's, unless the edit chose one
+                    protocol = src_pkl[1] if src_pkl[:1] == b"\x80" else 2
             else:
-                src_pkl, protocol = b"", 2
+                src_pkl, protocol = b"", protocol or 2
             order: list[Storage] = []
             try:
                 canon = dumps(root, protocol=protocol,

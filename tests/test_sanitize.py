@@ -478,3 +478,49 @@ print(json.dumps({
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"torch": True, "numpy": True,
                                     "at": "2026-01-02T03:04:05[Europe/Paris]"}
+
+
+def test_a_protocol_4_save_is_written_again_in_protocol_2(tmp_path: Path) -> None:
+    """torch.save(..., pickle_protocol=4) writes opcodes torch's weights-only unpickler does
+    not read (FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL): the verdict says so, and
+    sanitize writes the file again in protocol 2, which loads weights-only."""
+    import argparse
+    import warnings
+
+    import torch
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    plain, with_args = tmp_path / "p4.pt", tmp_path / "p4_args.pt"
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, plain,
+               pickle_protocol=4)
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, with_args,
+               pickle_protocol=4)
+    with pytest.raises(Exception, match="Weights only load failed"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Detected pickle protocol 4"
+        torch.load(plain, weights_only=True)
+    assert ckpttool.open(plain).safety.headline() == (
+        "needs-trust: the pickle uses opcodes torch.load(weights_only=True) does not read "
+        "(FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL)")
+    out = tmp_path / "p2.pt"
+    r = run("sanitize", plain, "-o", out)
+    assert r.stdout.splitlines()[2:] == [
+        "(root)     a pickle with opcodes FRAME, MEMOIZE, SHORT_BINUNICODE, STACK_GLOBAL  a "
+        "protocol 2 pickle",
+        "sanitize: 1 value made plain (pickle-protocol 1); torch.load(weights_only=True) loads "
+        f"the result; wrote {out}"]
+    out2 = tmp_path / "p2_args.pt"
+    r = run("sanitize", with_args, "-o", out2)
+    assert r.stdout.splitlines()[-1] == (
+        "sanitize: 2 values made plain (object 1, pickle-protocol 1); "
+        f"torch.load(weights_only=True) loads the result; wrote {out2}")
+    loaded = fresh_load([{"file": str(out), "optimizer": ["optimizer"], "type": "SGD"},
+                         {"file": str(out2)}])
+    assert loaded[str(out)]["resume"] == {"type": "SGD", "states": 2, "stepped": True}
+    assert ckpttool.open(out).safety.headline() == \
+        "weights-only: torch.load(weights_only=True) loads it"
+    src = torch.load(plain, weights_only=False)  # our own file
+    got = torch.load(out, weights_only=True)
+    for k, v in src["model"].items():
+        assert torch.equal(v, got["model"][k])

@@ -634,12 +634,26 @@ def sanitize(ckpt: Checkpoint, keep_unknown: str = "error") -> Plan:
                              "--keep-unknown drop to remove them (both listed)")
     for name, tree in roots.items():
         _check_clean(tree, name)
+    # a pickle torch's weights-only unpickler cannot read for its opcodes alone (protocol 4:
+    # FRAME, MEMOIZE, SHORT_BINUNICODE, ...): written again in protocol 2
+    reprotocol = [f for f in ckpt.files
+                  if f.format in ("torch-zip", "torch-legacy") and f.safety.opcodes]
+    for f in reprotocol:
+        if roots[f.name] is ckpt.roots[f.name]:  # nothing else changed: a new tree all the same
+            tree = roots[f.name]
+            roots[f.name] = tree.copy() if isinstance(tree, Reduce) else \
+                type(tree)(tree) if isinstance(tree, (dict, list)) else tree
+        s.changes.append(Rewrite(join("", f.name) if ckpt.is_folder else "",
+                                 "a pickle with opcodes " + ", ".join(f.safety.opcodes),
+                                 "a protocol 2 pickle", "pickle-protocol"))
     if ckpt.is_folder:
         result = ckpt.derive(roots) if any(roots[n] is not ckpt.roots[n] for n in roots) \
             else ckpt
     else:
         only = ckpt.files[0].name
         result = ckpt.derive(roots[only]) if roots[only] is not ckpt.roots[only] else ckpt
+    for f in reprotocol:
+        result.protocols[f.name] = 2
     n = len(s.changes)
     kinds: dict[str, int] = {}
     for c in s.changes:

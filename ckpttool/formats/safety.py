@@ -300,6 +300,9 @@ class Safety:
     level: str = WEIGHTS_ONLY
     reasons: list[str] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
+    # pickle opcodes torch's weights-only unpickler does not read (names): a rewrite in
+    # protocol 2 removes them (``sanitize``)
+    opcodes: list[str] = field(default_factory=list)
 
     @property
     def unsafe(self) -> bool:
@@ -327,6 +330,7 @@ class Safety:
         for r in other.reasons:
             if r not in self.reasons:
                 self.reasons.append(r)
+        self.opcodes = sorted(set(self.opcodes) | set(other.opcodes))
         if _RANK[other.level] > _RANK[self.level]:
             self.level = other.level
         self.calls.sort(key=lambda c: -_RANK[c.level])

@@ -373,7 +373,8 @@ class _Reader:
         for c in out.calls:
             out.add_reason(c.level, f"{c.global_}: {c.why}")
         if self.foreign_ops:
-            names = ", ".join(sorted(_opname(o) for o in self.foreign_ops))
+            out.opcodes = sorted(_opname(o) for o in self.foreign_ops)
+            names = ", ".join(out.opcodes)
             out.add_reason(NEEDS_TRUST, f"the pickle uses opcodes torch.load(weights_only=True) "
                                         f"does not read ({names})")
         return out
