@@ -11,7 +11,8 @@ instant:
    any added or removed keys, changed) is written beside it, synced, read back and checked,
    then renamed over ``.metadata``: that rename is the commit;
 3. data files that only the old ``.metadata`` referenced (an earlier edit's file) are removed
-   last (kept with ``backup``, since ``.metadata.bak`` still references them).
+   last; kept with ``backup``, and whenever a ``.metadata.bak`` (an earlier backup) still
+   references them.
 
 A crash before 3 leaves the old checkpoint or the new one, both complete; after it, at most
 an unreferenced file. Tensor values of a DCP folder are not edited (their chunks are spread
@@ -190,6 +191,20 @@ def _referenced(meta_node: Reduce) -> set[str]:
     return out
 
 
+def _backup_references(folder: str) -> set[str] | None:
+    """The data files an earlier ``--backup``'s ``.metadata.bak`` references (kept, so the
+    backup stays loadable); None when it exists but cannot be read (then nothing is
+    removed)."""
+    bak = os.path.join(folder, ".metadata.bak")
+    if not os.path.lexists(bak):
+        return set()
+    try:
+        f = read_file(bak, ".metadata.bak")
+    except CkptError:
+        return None
+    return _referenced(f.root) if isinstance(f.root, Reduce) else None
+
+
 def _fsync_write(path: str, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
@@ -261,8 +276,10 @@ def commit(folder: str, f: CheckpointFile, new_root: Any, *, backup: bool = Fals
                              "is unchanged", path=folder) from e
         raise
     dropped: list[str] = []
-    if not backup:
-        for name in sorted(_referenced(meta_node) - _referenced(meta)):
+    kept_for_backup = _backup_references(folder)
+    if not backup and kept_for_backup is not None:
+        keep = _referenced(meta) | kept_for_backup
+        for name in sorted(_referenced(meta_node) - keep):
             try:
                 os.unlink(os.path.join(folder, name))
                 dropped.append(name)

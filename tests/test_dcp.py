@@ -697,3 +697,25 @@ def test_check_deep_reads_every_rank_s_chunks(dcp2_dir: Path, tmp_path: Path) ->
          "its bytes changed after the save (torch.load does not check)"),
         ("nan-inf", "/model/0.weight", "1 value is NaN or Inf")]
     assert r.stdout.splitlines()[-1] == "check FAILED: 4 fail, 0 warn, 0 info"
+
+
+def test_dcp_backup_stays_loadable(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """--backup keeps .metadata.bak; later edits never remove a data file it references, so
+    putting it back restores the checkpoint it was."""
+    import shutil
+    folder = tmp_path / "ckpt"
+    shutil.copytree(dcp_sched_dir, folder)
+    run("set-lr", folder, "1e-3", "--keep-ratios")  # lr values -> __ckpttool_0
+    r = run("set", folder, "weight_decay=0.05", "--backup")  # .bak references __ckpttool_0
+    assert r.stdout.endswith("the original .metadata is kept as .metadata.bak)\n")
+    run("set-lr", folder, "3e-4", "--same")  # moves the lr values on: __ckpttool_0 unused
+    assert _listing(folder) == [".metadata", ".metadata.bak", "__0_0.distcp",
+                                "__ckpttool_0.distcp", "__ckpttool_1.distcp",
+                                "__ckpttool_2.distcp"]
+    assert _resume(folder)[1] == [3e-4, 3e-4]
+    restored = tmp_path / "restored"
+    shutil.copytree(folder, restored)
+    (restored / ".metadata.bak").replace(restored / ".metadata")
+    sd, used = _resume(restored)
+    assert used == [1e-3, 1e-4]
+    assert [g["weight_decay"] for g in sd["optim"]["param_groups"]] == [0.01, 0.01]
