@@ -374,6 +374,11 @@ def test_dcp_output_folder_and_refusals(dcp_sched_dir: Path, tmp_path: Path) -> 
         f"the device of the state dict it loads into); no changes; {tmp_path / 'moved'} is a "
         "copy\n")
     assert {p.name: p.read_bytes() for p in (tmp_path / "moved").iterdir()} == snapshot
+    r = run("sanitize", src, "--dry-run", code=1)
+    assert r.stderr == (
+        f"Error: {src}: a torch.distributed.checkpoint folder is loaded by dcp.load, not by "
+        "torch.load; sanitize rewrites torch.save files; `ckpttool to-file` it and sanitize the "
+        "file\n")
     r = run("convert", src, "--to", "sgd", code=1)
     assert r.stderr == (
         f"Error: {src}: convert makes and reshapes state tensors, and a DCP folder's tensors are "

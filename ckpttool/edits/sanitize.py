@@ -609,6 +609,10 @@ def sanitize(ckpt: Checkpoint, keep_unknown: str = "error") -> Plan:
     if keep_unknown not in KEEP_UNKNOWN:
         raise EditError(f"--keep-unknown takes error, string or drop, not {keep_unknown!r}")
     refuse_torchscript(ckpt, "sanitize")
+    if ckpt.kind == "dcp":
+        raise EditError("a torch.distributed.checkpoint folder is loaded by dcp.load, not by "
+                        "torch.load; sanitize rewrites torch.save files", path=ckpt.path,
+                        hint="`ckpttool to-file` it and sanitize the file")
     if ckpt.unsafe:
         from ..errors import UnsafeCheckpointError
         raise UnsafeCheckpointError("refusing to sanitize: " + ckpt.safety.headline()
