@@ -33,13 +33,13 @@ if TYPE_CHECKING:
     from .formats.torchscript import ScriptModule
     from .locate import Found, ModelState, OptimizerState, SchedulerState
 
-TINY_NUMEL = 8
+TINY_NUMEL = 8  # tensors with at most this many elements have their values read
 # Python 2 strings that are not UTF-8 (numpy scalars and arrays pickled by Python 2 hold their
 # bytes in one): torch.load's default encoding fails on them
 LATIN1_NOTE = ("Python 2 strings that are not UTF-8 (the first at byte {} of {}): a "
                "plain torch.load fails on them (its default encoding='utf-8'); "
                "torch.load(..., encoding='latin1') reads them as shown here, and a file "
-               "ckpttool rewrites holds them as Python 3 strings")  # tensors with at most this many elements have their values read
+               "ckpttool rewrites holds them as Python 3 strings")
 _SNIFF = 64
 
 # files inside a folder that ckpttool reads, by suffix
