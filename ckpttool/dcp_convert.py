@@ -161,6 +161,25 @@ def _chunk_pieces(folder: str, fqn: str, t: SafeTensor, safety: Safety,
     return pieces
 
 
+def dcp_transforms(ckpt: Checkpoint) -> dict[tuple[str, int], Any]:
+    """(data file, offset) -> the transforms (compression, ...) .metadata says an entry was
+    written with, for every entry of a DCP folder."""
+    from .formats.nodes import fields
+    out: dict[tuple[str, int], Any] = {}
+    for info in fields(ckpt.files[0].extra["dcp_meta"]).get("storage_data", {}).values():
+        i = fields(info)
+        out[(str(i.get("relative_path")), int(i.get("offset") or 0))] = \
+            i.get("transform_descriptors")
+    return out
+
+
+def gathered_bytes(ckpt: Checkpoint, fqn: str, t: SafeTensor) -> bytes:
+    """All of a DCP tensor's bytes, row-major (its chunks judged and gathered)."""
+    pieces = _chunk_pieces(ckpt.path, fqn, t, Safety(), dcp_transforms(ckpt))
+    return b"".join(bytes(c) for c in Gathered(ckpt.path, fqn, t.shape, t.dtype,
+                                                pieces).chunks())
+
+
 def names_to_ids(opt_sd: dict[Any, Any]) -> dict[Any, Any]:
     """A name-keyed optimizer state dict keyed by id, as ``Optimizer.state_dict()`` keys it
     (ids in param-group order; each group's names kept in ``param_names``)."""
@@ -228,11 +247,7 @@ def to_file(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                                     + ". Nothing was written.", path=ckpt.path)
     f = ckpt.files[0]
     from .formats.nodes import fields
-    transforms: dict[tuple[str, int], Any] = {}
-    for info in fields(f.extra["dcp_meta"]).get("storage_data", {}).values():
-        i = fields(info)
-        transforms[(str(i.get("relative_path")), int(i.get("offset") or 0))] = \
-            i.get("transform_descriptors")
+    transforms = dcp_transforms(ckpt)
     safety = Safety()
     count = [0]
 

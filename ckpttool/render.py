@@ -209,7 +209,7 @@ def _torchscript_json(ckpt: Checkpoint) -> dict[str, Any] | None:
 
 def compute_stats(ckpt: Checkpoint, opts: list[OptimizerState]) -> dict[int, dict[str, Any]]:
     from .stats import optimizer_stats
-    return optimizer_stats(opts)
+    return optimizer_stats(opts, ckpt)
 
 
 def plan_text(plan: Plan) -> str:

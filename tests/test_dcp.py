@@ -724,3 +724,22 @@ def test_dcp_backup_stays_loadable(dcp_sched_dir: Path, tmp_path: Path) -> None:
     sd, used = _resume(restored)
     assert used == [1e-3, 1e-4]
     assert [g["weight_decay"] for g in sd["optim"]["param_groups"]] == [0.01, 0.01]
+
+
+def test_show_stats_of_a_two_rank_folder(dcp2_dir: Path, dcp2_loaded: dict[str, Any]) -> None:
+    """show --stats gathers each state tensor from both ranks' chunks: the numbers are those
+    of the tensors torch itself gathers."""
+    doc = json.loads(run("show", "--json", "--stats", dcp2_dir).stdout)
+    [opt] = doc["optimizers"]
+    seen = 0
+    for st in opt["state"]:
+        for key, entry in st["entries"].items():
+            ref = dcp2_loaded["optim"]["state"][st["name"]][key].double()
+            assert entry["stats"] == {
+                "norm": pytest.approx(float(torch.linalg.vector_norm(ref)), rel=1e-12),
+                "min": pytest.approx(float(ref.min()), rel=1e-12),
+                "max": pytest.approx(float(ref.max()), rel=1e-12),
+                "mean": pytest.approx(float(ref.mean()), rel=1e-12),
+                "nan": 0, "inf": 0}, (st["name"], key)
+            seen += 1
+    assert seen == 12
