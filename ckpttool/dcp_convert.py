@@ -119,8 +119,16 @@ class Gathered:
 def _chunk_pieces(folder: str, fqn: str, t: SafeTensor, safety: Safety,
                   transforms: dict[tuple[str, int], Any]
                   ) -> list[tuple[tuple[int, ...], tuple[int, ...], str, int]]:
-    """Where each chunk's bytes lie: each chunk is a small torch.save archive, read (and
-    judged) like any file, its tensor's storage bytes located."""
+    """Where each chunk's bytes lie: (offsets, sizes, data file, first byte)."""
+    return [p[:4] for p in chunk_records(folder, fqn, t, safety, transforms)]
+
+
+def chunk_records(folder: str, fqn: str, t: SafeTensor, safety: Safety,
+                  transforms: dict[tuple[str, int], Any]
+                  ) -> list[tuple[tuple[int, ...], tuple[int, ...], str, int, Any]]:
+    """Each chunk of a DCP tensor: (offsets, sizes, data file, first byte of its elements, the
+    zip record holding them). Each chunk is a small torch.save archive, read (and judged)
+    like any file, its tensor's storage bytes located."""
     pieces = []
     for offsets, sizes, file, off, length in t.chunks or ():
         if off < 0 or file == "?":
@@ -154,7 +162,7 @@ def _chunk_pieces(folder: str, fqn: str, t: SafeTensor, safety: Safety,
         if start < off or start + math.prod(sizes) * ref.itemsize > off + length:
             raise CkptError(f"{fqn}: a chunk's bytes lie outside its archive in {file}",
                             path=folder)
-        pieces.append((tuple(offsets), tuple(sizes), file, start))
+        pieces.append((tuple(offsets), tuple(sizes), file, start, ref.storage.record))
     if sum(math.prod(p[1]) for p in pieces) != t.numel:
         raise CkptError(f"{fqn}: its chunks hold {sum(math.prod(p[1]) for p in pieces)} "
                         f"elements, the tensor {t.numel}", path=folder)

@@ -38,6 +38,7 @@ from typing import Any
 from .checkpoint import Checkpoint, open_checkpoint
 from .formats.nodes import Global, Reduce, Storage, TensorRef
 from .formats.safetensors import SafeTensor
+from .formats.safety import Safety
 from .tree import join, reduce_children
 
 _CHUNK = 8 << 20
@@ -350,7 +351,7 @@ class _Differ:
             out.reshaped += 1
             self._add(pa, "tensor", _describe(x), _describe(y), pb, name)
             return
-        if x.device != y.device:
+        if x.device != y.device and "-" not in (x.device, y.device):  # "-": DCP, no device
             self._add(pa, "tensor", _describe(x), _describe(y), pb, name)
         vx, vy = _tiny(x), _tiny(y)
         if vx is not None and vy is not None:  # tiny tensors: values read already
@@ -358,13 +359,15 @@ class _Differ:
             if not _same_value(vx, vy):
                 self._add(pa, "value", x, y, pb, name)
             return
-        same = self._same_bytes(x, y)
+        dcp = _in_chunks(x) or _in_chunks(y)
+        same = self._same_dcp(x, y) if dcp else self._same_bytes(x, y)
         if same is None:
             out.unread += 1
         elif not same:
             d = self._add(pa, "bytes", _describe(x), _describe(y), pb, name)
             if self.values:
-                self.pending.append((d, x, y))
+                self.pending.append((d, self._in_memory(x, self.a), self._in_memory(y, self.b))
+                                    if dcp else (d, x, y))
 
     def _same_bytes(self, x: Any, y: Any) -> bool | None:
         """Whether two tensors of equal shape and dtype hold equal elements (None: cannot
@@ -386,6 +389,51 @@ class _Differ:
             return True
         self.out.by_bytes += 1
         return self._view_bytes(x) == self._view_bytes(y)
+
+    def _same_dcp(self, x: Any, y: Any) -> bool:
+        """Tensors of which one at least lies in DCP chunks: chunk by chunk by the CRCs of
+        the chunks' records when both are chunked alike (no tensor byte read), else by their
+        gathered bytes."""
+        if x.numel == 0:
+            return True
+        cx = self._chunk_crcs(self.a, x) if _in_chunks(x) else None
+        cy = self._chunk_crcs(self.b, y) if _in_chunks(y) else None
+        if cx is not None and cy is not None and sorted(cx) == sorted(cy):
+            self.out.by_crc += 1
+            return cx == cy
+        bx, by = self._element_bytes(self.a, x), self._element_bytes(self.b, y)
+        self.out.by_bytes += 1
+        return bx == by
+
+    def _chunk_crcs(self, ckpt: Checkpoint, t: SafeTensor
+                    ) -> dict[tuple[int, ...], tuple[tuple[int, ...], int]] | None:
+        """offsets -> (sizes, CRC-32) of each chunk, when each chunk's record holds exactly
+        its elements with a CRC (as dcp.save writes them); else None."""
+        from .dcp_convert import chunk_records, dcp_transforms
+        out = {}
+        for offsets, sizes, _, start, rec in chunk_records(
+                ckpt.path, "", t, Safety(), dcp_transforms(ckpt)):
+            n = math.prod(sizes) * t.itemsize
+            if not rec.crc or rec.method != 0 or start != rec.data_offset or rec.size != n:
+                return None
+            out[offsets] = (sizes, int(rec.crc))
+        return out
+
+    def _element_bytes(self, ckpt: Checkpoint, t: Any) -> bytes:
+        """A tensor's elements, row-major: a DCP tensor's chunks gathered, else its view."""
+        if not _in_chunks(t):
+            return self._view_bytes(t)
+        from .dcp_convert import gathered_bytes
+        raw = gathered_bytes(ckpt, "", t)
+        self.out.bytes_read += len(raw)
+        return raw
+
+    def _in_memory(self, t: Any, ckpt: Checkpoint) -> Any:
+        """A DCP tensor for ``--values``: its gathered bytes in memory (read once more)."""
+        if not _in_chunks(t):
+            return t
+        from .dcp_convert import gathered_bytes
+        return _Loaded(t.shape, t.dtype, t.numel, t.itemsize, gathered_bytes(ckpt, "", t))
 
     def _count(self, read_before: int) -> None:
         if self.out.bytes_read == read_before:
@@ -440,7 +488,8 @@ class _Differ:
         from .diffvalues import compare_all
         for _, x, y in self.pending:  # opened here: the worker threads only read the dict
             for t in (x, y):
-                self._fd(t.path if isinstance(t, SafeTensor) else t.storage.record.path)
+                if not isinstance(t, _Loaded):
+                    self._fd(t.path if isinstance(t, SafeTensor) else t.storage.record.path)
         results = compare_all([(x, y) for _, x, y in self.pending], self._fd)
         for (d, _, _), (values, n) in zip(self.pending, results):
             d.values = values
@@ -512,6 +561,22 @@ def _span(t: Any) -> tuple[Any, int, int, tuple[Any, ...], bool] | None:
     whole = t.offset == 0 and _contiguous(t) and t.numel * size == rec.size
     return rec, rec.data_offset + t.offset * size, span, \
         (t.offset, tuple(t.shape), tuple(t.stride)), whole
+
+
+def _in_chunks(t: Any) -> bool:
+    """A DCP folder's tensor: its elements lie in chunks on the ranks' data files."""
+    return isinstance(t, SafeTensor) and t.chunks is not None
+
+
+@dataclass
+class _Loaded:
+    """A tensor whose elements (row-major) are already in memory (a DCP tensor gathered)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    itemsize: int
+    raw: bytes
 
 
 @dataclass

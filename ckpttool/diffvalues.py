@@ -118,6 +118,12 @@ def _chunks(t: Any, fd: Callable[[str], int], buf: memoryview, elems: int) -> An
     from .diff import _contiguous
     size = _itemsize(t.dtype)
     total = t.numel * size
+    raw_in_memory = getattr(t, "raw", None)
+    if raw_in_memory is not None:  # a DCP tensor gathered by the diff
+        flat = memoryview(raw_in_memory)
+        for i in range(0, total, elems * size):
+            yield flat[i:i + elems * size]
+        return
     if isinstance(t, SafeTensor):
         path, start = t.path, t.data_offset
     elif _contiguous(t):

@@ -743,3 +743,65 @@ def test_show_stats_of_a_two_rank_folder(dcp2_dir: Path, dcp2_loaded: dict[str, 
                 "nan": 0, "inf": 0}, (st["name"], key)
             seen += 1
     assert seen == 12
+
+
+def test_diff_of_dcp_folders(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """diff compares DCP tensors chunk by chunk by the CRCs of their records (no tensor byte
+    read) and, with --values, from their gathered bytes; a folder and its to-file / to-dcp
+    round trip are equal."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    edited = tmp_path / "edited"
+    shutil.copytree(dcp_sched_dir, edited)
+    run("set-lr", edited, "1e-3", "--keep-ratios")
+    r = run("diff", dcp_sched_dir, edited, code=1)
+    assert r.stdout.splitlines()[-1] == (
+        "8 differences (8 values); 16 tensors compared: 13 by their values (tiny), 3 by "
+        "CRC-32, 0 by reading bytes; 0 B read")
+    one, back = tmp_path / "one.pt", tmp_path / "back"
+    run("to-file", dcp_sched_dir, one)
+    run("to-dcp", one, back)
+    assert run("diff", dcp_sched_dir, back).stdout == (
+        "no differences; 16 tensors compared: 13 by their values (tiny), 3 by CRC-32, 0 by "
+        "reading bytes; 0 B read\n")
+    # one more training step on another input, saved the same way
+    model, opt, sched = _sched_model()
+    sd = _resume(dcp_sched_dir)[0]
+    import copy
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+    loaded = copy.deepcopy(sd)  # set_state_dict keeps these very tensors, which the step changes
+    set_state_dict(model, opt, model_state_dict=loaded["model"],
+                   optim_state_dict=loaded["optim"])
+    opt.zero_grad()
+    model(torch.linspace(-1, 1, 8).reshape(2, 4)).pow(2).sum().backward()
+    opt.step()
+    msd, osd = get_state_dict(model, opt)
+    later = tmp_path / "later"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": msd, "optim": osd, "sched": sd["sched"], "step": 3},
+                 checkpoint_id=str(later))
+    want = {f"/model/{k}" for k, v in sd["model"].items() if not torch.equal(v, msd[k])}
+    want |= {f"/optim/state/{n}/{k}" for n, st in sd["optim"]["state"].items()
+             for k, v in st.items() if k != "step" and not torch.equal(v, osd["state"][n][k])}
+    assert len(want) == 12  # four weights and biases, their exp_avg and exp_avg_sq
+    doc = json.loads(run("diff", "--json", "--values", dcp_sched_dir, later, code=1).stdout)
+    by = {d["pointer"]: d for d in doc["differences"]}
+    assert {p for p in by if p.startswith(("/model/", "/optim/state/"))
+            and not p.endswith("/step")} == want
+    w = by["/model/0.weight"]
+    assert w["kind"] == "bytes"
+    before = sd["model"]["0.weight"].double()
+    after = msd["0.weight"].detach().double()
+    assert w["values"]["max_abs"] == pytest.approx(float((after - before).abs().max()),
+                                                   rel=1e-6)
+    assert w["values"]["norm_before"] == pytest.approx(float(before.norm()), rel=1e-6)
+    # the tensors of more than 8 elements are told apart by their chunks' CRCs (no byte read
+    # to decide), then their values computed from their gathered bytes
+    big = [d for d in doc["differences"] if d["kind"] == "bytes"]
+    assert doc["compared"]["by_crc"] == 3 and doc["compared"]["by_bytes"] == 0
+    assert doc["compared"]["bytes_read"] == sum(2 * 12 * 4 for _ in big)
+
+

@@ -365,7 +365,7 @@ def test_nan_equals_nan(tmp_path: Path) -> None:
     assert diff(tmp_path / "a.pt", tmp_path / "b.pt").equal
 
 
-def test_dcp_folders_by_metadata(tmp_path: Path) -> None:
+def test_dcp_folders_by_chunk_crcs(tmp_path: Path) -> None:
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -378,5 +378,6 @@ def test_dcp_folders_by_metadata(tmp_path: Path) -> None:
     r = diff(tmp_path / "a", tmp_path / "b")
     assert [(d.pointer, d.kind, d.before, d.after) for d in r.differences] == [
         ("/step", "value", 7, 8)]
-    # the weight's bytes are in chunks: compared by metadata only; the bias is tiny (values)
-    assert (r.tensors, r.by_value, r.unread) == (2, 1, 1)
+    # the weight's bytes are in a chunk: compared by its record's CRC (nothing read); the bias
+    # is tiny (values)
+    assert (r.tensors, r.by_value, r.by_crc, r.unread, r.bytes_read) == (2, 1, 1, 0, 0)

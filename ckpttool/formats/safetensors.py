@@ -39,6 +39,11 @@ class SafeTensor:
     def numel(self) -> int:
         return math.prod(self.shape)
 
+    @property
+    def itemsize(self) -> int:
+        from .nodes import DTYPE_ITEMSIZE
+        return DTYPE_ITEMSIZE.get(self.dtype, 1)
+
 
 def read_safetensors(path: str, fd: int, file_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Return (tensors by name in header order, the ``__metadata__`` dict)."""
