@@ -805,3 +805,25 @@ def test_diff_of_dcp_folders(dcp_sched_dir: Path, tmp_path: Path) -> None:
     assert doc["compared"]["bytes_read"] == sum(2 * 12 * 4 for _ in big)
 
 
+
+
+def test_to_file_and_to_dcp_refusals(dcp_dir: Path, tmp_path: Path) -> None:
+    from conftest import FIXTURES
+    f = FIXTURES / "imagenet_style.pth"
+    assert run("to-file", f, tmp_path / "x.pt", code=1).stderr == (
+        f"Error: {f}: not a torch.distributed.checkpoint folder (no .metadata); to-dcp writes a "
+        "DCP folder from a file\n")
+    d = FIXTURES / "hf_trainer" / "checkpoint-4"
+    assert run("to-dcp", d, tmp_path / "d", code=1).stderr == (
+        f"Error: {d}: to-dcp converts one torch.save file; a DCP folder is already one; for a "
+        "Trainer or accelerate folder give its model or optimizer file\n")
+    u = FIXTURES / "unsafe_exec.pt"
+    run("to-dcp", u, tmp_path / "u", code=4)
+    out = tmp_path / "one.pt"
+    out.write_bytes(b"keep")
+    assert run("to-file", dcp_dir, out, code=1).stderr == (
+        f"Error: {out}: already exists; use --force to overwrite it\n")
+    assert out.read_bytes() == b"keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.pt"]
+    run("to-file", dcp_dir, out, "--force")
+    assert torch.load(out, weights_only=True)["step"] == 7
