@@ -814,6 +814,12 @@ def open_for_edit(path: str | os.PathLike[str], command: str = "") -> Checkpoint
             path=ckpt.path)
     if command and command != "move":
         refuse_torchscript(ckpt, command)
+    if ckpt.kind == "dcp" and ckpt.safety.unjudged:
+        raise CkptError(f"{len(ckpt.safety.unjudged)} values of this DCP folder are stored "
+                        "through stream transforms ckpttool does not decode ("
+                        + ", ".join(ckpt.safety.unjudged[:3]) + "): it does not write from it",
+                        path=ckpt.path, hint="load it with dcp.load and the extension registry "
+                        "it was saved with, and save it again without _extensions")
     flat = [o.pointer or "/" for o in ckpt.optimizers if o.flattened]
     if flat:
         raise CkptError(f"the optimizer state at {', '.join(flat)} is in the flattened form "

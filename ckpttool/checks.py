@@ -426,6 +426,22 @@ def check_loading(ctx: Context) -> Iterator[Finding]:
                           "a TorchScript archive: torch.load hands it to torch.jit.load, which "
                           "runs its TorchScript code and refuses weights_only=True",
                           "load it with torch.jit.load if you trust it")
+    if ctx.ckpt.safety.unjudged:
+        n = len(ctx.ckpt.safety.unjudged)
+        yield Finding("not-judged", WARN, "",
+                      f"{n} value{'s' if n != 1 else ''} stored through stream transforms "
+                      "(compression, encryption) that ckpttool does not decode could not be "
+                      "read, so not judged: " + ", ".join(ctx.ckpt.safety.unjudged[:4])
+                      + (" ..." if n > 4 else ""),
+                      "dcp.load unpickles every value with torch.load(weights_only=False): load "
+                      "it only if you trust where it comes from")
+    for f in ctx.ckpt.files:
+        if f.safety.opcodes and f.format in ("torch-zip", "torch-legacy"):
+            yield Finding("weights-only", WARN, join("", f.name) if ctx.ckpt.is_folder else "",
+                          "torch.load(weights_only=True) cannot read this pickle's opcodes ("
+                          + ", ".join(f.safety.opcodes) + "; saved with pickle_protocol=4?)",
+                          f"`ckpttool sanitize {ctx.ckpt.path} -o OUT` writes it again in "
+                          "protocol 2, which it reads")
     # the verdict's needs-trust globals (outside ckpttool's copy of torch's allowlist), less
     # those a newer installed torch allows
     outside = {c.global_ for f in ctx.ckpt.files if f.format in ("torch-zip", "torch-legacy")

@@ -135,9 +135,9 @@ def chunk_records(folder: str, fqn: str, t: SafeTensor, safety: Safety,
             raise CkptError(f"{fqn}: .metadata names no data for the chunk at {list(offsets)}",
                             path=folder)
         if transforms.get((file, off)):
-            raise CkptError(f"{fqn}: its chunk in {file} is stored with transforms "
-                            f"{transforms[(file, off)]!r} (compressed or encrypted); to-file "
-                            "does not decode them", path=folder)
+            raise CkptError(f"{fqn or 'a tensor'}: its chunk in {file} is stored with "
+                            f"transforms {transforms[(file, off)]!r} (compressed or encrypted), "
+                            "which ckpttool does not decode", path=folder)
         fp = os.path.join(folder, file)
         fd = os.open(fp, os.O_RDONLY)
         try:
@@ -255,6 +255,12 @@ def to_file(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                                     + ". Nothing was written.", path=ckpt.path)
     f = ckpt.files[0]
     from .formats.nodes import fields
+    if ckpt.safety.unjudged:
+        raise CkptError(f"{len(ckpt.safety.unjudged)} values are stored through stream "
+                        "transforms ckpttool does not decode ("
+                        + ", ".join(ckpt.safety.unjudged[:3]) + "); nothing was written",
+                        path=ckpt.path, hint="load it with dcp.load and the extension registry "
+                        "it was saved with, and torch.save it")
     transforms = dcp_transforms(ckpt)
     safety = Safety()
     count = [0]

@@ -132,6 +132,8 @@ def value_archive(value: Any) -> bytes:
 def _with_state(node: Reduce, **changes: Any) -> Reduce:
     new = node.copy()
     new.state = {**node.state, **changes}
+    if "relative_path" in changes:  # a value ckpttool wrote: plain bytes, no transforms
+        new.state.pop("transform_descriptors", None)  # (compression) of the entry it replaces
     return new
 
 

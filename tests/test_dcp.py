@@ -827,3 +827,82 @@ def test_to_file_and_to_dcp_refusals(dcp_dir: Path, tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.pt"]
     run("to-file", dcp_dir, out, "--force")
     assert torch.load(out, weights_only=True)["step"] == 7
+
+
+def _zlib_extension() -> Any:
+    """A DCP stream transform (what _extensions=[ZStandard()] does), in zlib."""
+    import io
+    import zlib
+
+    from torch.distributed.checkpoint._extension import StreamTransformExtension
+
+    class Zlib(StreamTransformExtension):
+        @staticmethod
+        def registry_name() -> str:
+            return "stream.zlibtest"
+
+        @staticmethod
+        def from_descriptor(version: str) -> Any:
+            return Zlib()
+
+        def get_descriptor(self) -> str:
+            return f"{self.registry_name()}/1"
+
+        def transform_to(self, output: Any) -> Any:
+            class Writer(io.RawIOBase):
+                def __init__(self) -> None:
+                    self.c = zlib.compressobj()
+
+                def writable(self) -> bool:
+                    return True
+
+                def write(self, b: Any) -> int:
+                    output.write(self.c.compress(bytes(b)))
+                    return len(b)
+
+                def close(self) -> None:
+                    if not self.closed:
+                        output.write(self.c.flush())
+                    super().close()
+            return Writer()
+
+        def transform_from(self, input: Any) -> Any:
+            return io.BytesIO(zlib.decompress(input.read()))
+    return Zlib()
+
+
+def test_stream_transformed_values_are_not_judged(tmp_path: Path) -> None:
+    """A folder saved through a stream transform (DCP _extensions): its compressed values are
+    not read; the verdict, a note and check say they are not judged; nothing writes from it."""
+    from torch.distributed.checkpoint import FileSystemWriter
+    import torch.distributed.checkpoint as dcp
+    folder = tmp_path / "z"
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": 3},
+                 storage_writer=FileSystemWriter(str(folder), _extensions=[_zlib_extension()]))
+    lines = run("show", folder).stdout.splitlines()
+    assert lines[3].endswith("; 11 values not read and not judged: optim.param_groups.0.lr "
+                             "(stream.zlibtest/1), optim.param_groups.0.momentum "
+                             "(stream.zlibtest/1), optim.param_groups.0.dampening "
+                             "(stream.zlibtest/1) ...")
+    assert ("note:    13 entries are stored through stream transforms (stream.zlibtest/1: "
+            "compression or encryption) that ckpttool does not decode; 11 values among them "
+            "are not read (shown as None)") in lines
+    r = run("check", folder)
+    assert r.stdout.splitlines()[-1] == "check ok: 0 fail, 1 warn, 0 info"
+    [finding] = json.loads(run("check", "--json", folder).stdout)["findings"]
+    assert (finding["id"], finding["level"], finding["message"]) == (
+        "not-judged", "WARN", "11 values stored through stream transforms (compression, "
+        "encryption) that ckpttool does not decode could not be read, so not judged: "
+        "optim.param_groups.0.lr (stream.zlibtest/1), optim.param_groups.0.momentum "
+        "(stream.zlibtest/1), optim.param_groups.0.dampening (stream.zlibtest/1), "
+        "optim.param_groups.0.weight_decay (stream.zlibtest/1) ...")
+    r = run("set-lr", folder, "0.01", code=1)
+    assert r.stderr.startswith(f"Error: {folder}: 11 values of this DCP folder are stored "
+                               "through stream transforms ckpttool does not decode")
+    run("to-file", folder, tmp_path / "x.pt", code=1)
+    assert not (tmp_path / "x.pt").exists()

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..errors import UnreadableError
 from .nodes import DTYPE_ITEMSIZE, Global, Reduce, as_shape, fields
 from .safetensors import SafeTensor
-from .safety import Safety
+from .safety import NEEDS_TRUST, Safety
 
 TINY_NUMEL = 8  # as for torch.save files: tensors this small have their values read
 
@@ -56,13 +56,22 @@ def build_tree(path: str, meta: Any, read_value: ReadValue) -> tuple[dict[str, A
     if not isinstance(sdm, dict):
         raise UnreadableError(".metadata has no state_dict_metadata", path=path)
     where: dict[tuple[str, Any], tuple[str, int, int]] = {}
+    # entries written through a stream transform (compression, encryption: DCP's
+    # ``_extensions``): their bytes are not a torch.save archive and are not read
+    transformed: dict[tuple[str, Any], str] = {}
     for idx, info in storage.items():
         f, i = fields(idx), fields(info)
         if isinstance(f.get("fqn"), str) and isinstance(i.get("relative_path"), str):
-            where[(f["fqn"], as_shape(f.get("offset")))] = (
+            key = (f["fqn"], as_shape(f.get("offset")))
+            where[key] = (
                 i["relative_path"], int(i.get("offset") or 0), int(i.get("length") or 0))
+            td = i.get("transform_descriptors")
+            if td:
+                transformed[key] = ", ".join(map(str, td)) if isinstance(td, (list, tuple)) \
+                    else str(td)
     safety = Safety()
     notes: list[str] = []
+    unread: list[str] = []
     root: dict[str, Any] = {}
     for fqn, md in sdm.items():
         if not isinstance(fqn, str):
@@ -71,10 +80,13 @@ def build_tree(path: str, meta: Any, read_value: ReadValue) -> tuple[dict[str, A
         keys = tuple(keys) if isinstance(keys, (tuple, list)) and keys else (fqn,)
         q = _qual(md)
         if q.endswith(".TensorStorageMetadata"):
-            value: Any = _tensor(fqn, fields(md), where, read_value, safety)
+            value: Any = _tensor(fqn, fields(md), where, read_value, safety, transformed)
         elif q.endswith(".BytesStorageMetadata"):
             loc = where.get((fqn, None))
-            if loc is None:
+            if (fqn, None) in transformed:
+                unread.append(f"{fqn} ({transformed[(fqn, None)]})")
+                value = None
+            elif loc is None:
                 notes.append(f"{fqn}: no data file holds this value")
                 value = None
             else:
@@ -88,6 +100,18 @@ def build_tree(path: str, meta: Any, read_value: ReadValue) -> tuple[dict[str, A
             notes.append(f"{fqn}: an entry of kind {q or type(md).__name__} (not read)")
             value = None
         _place(root, keys, value)
+    if unread or transformed:
+        kinds = sorted(set(transformed.values()))
+        notes.append(f"{len(transformed)} entries are stored through stream transforms "
+                     f"({', '.join(kinds)}: compression or encryption) that ckpttool does not "
+                     f"decode; {len(unread)} value{'s' if len(unread) != 1 else ''} among them "
+                     f"{'are' if len(unread) != 1 else 'is'} not read (shown as None)")
+    if unread:
+        safety.add_reason(NEEDS_TRUST, f"{len(unread)} values stored through stream transforms "
+                                       f"were not read, so their content is not judged: "
+                                       + ", ".join(unread[:4])
+                                       + (" ..." if len(unread) > 4 else ""))
+        safety.unjudged += unread
     tensors = [t for t in _leaves(root) if isinstance(t, SafeTensor) and t.chunks is not None]
     n_chunks = sum(len(t.chunks or ()) for t in tensors)
     used = sorted({c[2] for t in tensors for c in t.chunks or ()})
@@ -111,7 +135,8 @@ def _leaves(node: Any) -> list[Any]:
 
 
 def _tensor(fqn: str, md: dict[str, Any], where: dict[tuple[str, Any], tuple[str, int, int]],
-            read_value: ReadValue, safety: Safety) -> SafeTensor:
+            read_value: ReadValue, safety: Safety,
+            transformed: dict[tuple[str, Any], str]) -> SafeTensor:
     prop = md.get("properties")
     props = fields(prop)
     st = prop.state if isinstance(prop, Reduce) and prop.has_state else None
@@ -131,7 +156,8 @@ def _tensor(fqn: str, md: dict[str, Any], where: dict[tuple[str, Any], tuple[str
     first = chunks[0] if chunks else (None, None, "", -1, 0)
     t = SafeTensor(shape, dtype, first[3], math.prod(shape) * DTYPE_ITEMSIZE.get(dtype, 1),
                    device="-", path=first[2], chunks=chunks)
-    if len(chunks) == 1 and t.numel <= TINY_NUMEL and first[3] >= 0:
+    if len(chunks) == 1 and t.numel <= TINY_NUMEL and first[3] >= 0 \
+            and (fqn, first[0]) not in transformed:
         # a step counter and friends: its chunk is a small torch.save file; read its value
         node, sf = read_value(first[2], first[3], first[4])
         safety.merge(sf, first[2])

@@ -303,6 +303,9 @@ class Safety:
     # pickle opcodes torch's weights-only unpickler does not read (names): a rewrite in
     # protocol 2 removes them (``sanitize``)
     opcodes: list[str] = field(default_factory=list)
+    # what could not be read, so is not judged (a DCP value stored compressed): the headline
+    # says so, whatever the level
+    unjudged: list[str] = field(default_factory=list)
 
     @property
     def unsafe(self) -> bool:
@@ -331,12 +334,21 @@ class Safety:
             if r not in self.reasons:
                 self.reasons.append(r)
         self.opcodes = sorted(set(self.opcodes) | set(other.opcodes))
+        self.unjudged += [u for u in other.unjudged if u not in self.unjudged]
         if _RANK[other.level] > _RANK[self.level]:
             self.level = other.level
         self.calls.sort(key=lambda c: -_RANK[c.level])
 
     def headline(self) -> str:
-        """One line: the level and what decides it."""
+        """One line: the level and what decides it (and what was not judged)."""
+        line = self._headline()
+        if self.unjudged and not line.startswith("UNSAFE"):
+            line += (f"; {len(self.unjudged)} value{'s' if len(self.unjudged) != 1 else ''} not "
+                     f"read and not judged: {', '.join(self.unjudged[:3])}"
+                     + (" ..." if len(self.unjudged) > 3 else ""))
+        return line
+
+    def _headline(self) -> str:
         if self.level == WEIGHTS_ONLY:
             return "weights-only: torch.load(weights_only=True) loads it"
         if self.level == UNSAFE:
