@@ -44,8 +44,8 @@ from .tree import join, reduce_children
 _CHUNK = 8 << 20
 _MAX_DEPTH = 200
 
-KINDS = ("added", "removed", "value", "type", "tensor", "bytes", "order", "reorder", "file",
-         "safety")
+KINDS = ("added", "removed", "value", "type", "tensor", "bytes", "order", "reorder", "rekey",
+         "file", "safety")
 
 
 @dataclass
@@ -59,7 +59,9 @@ class Difference:
     value of another type), ``tensor`` (shape, dtype or device: ``before`` / ``after`` such as
     ``"float32[3, 4] cuda:0"``), ``bytes`` (same shape and dtype, other bytes; ``values`` with
     ``values=True``), ``order`` (the same keys in another order: the key lists), ``reorder``
-    (an optimizer's params renumbered: their names in ``a``'s and ``b``'s order), ``file``
+    (an optimizer's params renumbered: their names in ``a``'s and ``b``'s order), ``rekey``
+    (the same params in the same order under another kind of key, names <-> ids: how each
+    side keys them), ``file``
     (a folder file ckpttool does not parse: sizes), ``safety`` (the verdict's levels)."""
 
     pointer: str
@@ -290,7 +292,11 @@ class _Differ:
         assert na is not None and nb is not None
         id_b = {n: p for p, n in nb.items()}
         id_a = {n: p for p, n in na.items()}
-        self._add(ptr, "reorder", [na[p] for p in oa.param_ids], [nb[p] for p in ob.param_ids])
+        order_a, order_b = [na[p] for p in oa.param_ids], [nb[p] for p in ob.param_ids]
+        if order_a == order_b:  # the same order, other keys: names <-> ids (to-file, to-dcp)
+            self._add(ptr, "rekey", _keyed_by(oa), _keyed_by(ob))
+        else:
+            self._add(ptr, "reorder", order_a, order_b)
         rest_x = {k: v for k, v in x.items() if k not in ("state", "param_groups")}
         rest_y = {k: v for k, v in y.items() if k not in ("state", "param_groups")}
         self._keyed(rest_x, rest_y, ptr, ptr, depth, None)
@@ -561,6 +567,12 @@ def _span(t: Any) -> tuple[Any, int, int, tuple[Any, ...], bool] | None:
     whole = t.offset == 0 and _contiguous(t) and t.numel * size == rec.size
     return rec, rec.data_offset + t.offset * size, span, \
         (t.offset, tuple(t.shape), tuple(t.stride)), whole
+
+
+def _keyed_by(opt: Any) -> str:
+    """How an optimizer keys its per-parameter state."""
+    return "keyed by parameter name" if opt.names_source == "param ids (name-keyed)" \
+        else "keyed by id"
 
 
 def _in_chunks(t: Any) -> bool:

@@ -474,7 +474,8 @@ def run_text(run: Run) -> str:
 
 _KIND_WORDS = {"added": "added", "removed": "removed", "value": "values", "type": "types",
                "tensor": "tensor shape/dtype/device", "bytes": "tensors' bytes",
-               "order": "key orders", "reorder": "optimizer reorders", "file": "files",
+               "order": "key orders", "reorder": "optimizer reorders",
+               "rekey": "optimizers keyed otherwise", "file": "files",
                "safety": "safety level"}
 
 

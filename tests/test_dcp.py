@@ -763,6 +763,15 @@ def test_diff_of_dcp_folders(dcp_sched_dir: Path, tmp_path: Path) -> None:
     one, back = tmp_path / "one.pt", tmp_path / "back"
     run("to-file", dcp_sched_dir, one)
     run("to-dcp", one, back)
+    # the file keys the optimizer by id (with param_names): the same params, keyed otherwise
+    assert run("diff", dcp_sched_dir, one, code=1).stdout == (
+        "pointer    change    before                   after\n"
+        "---------  --------  -----------------------  ------------\n"
+        "(root)     safety    needs-trust              weights-only\n"
+        "/optim     rekey     keyed by parameter name  keyed by id\n"
+        "note: formats differ (dcp and torch-zip): contents compared\n"
+        "2 differences (1 safety level, 1 optimizers keyed otherwise); 16 tensors compared: 13 "
+        "by their values (tiny), 0 by CRC-32, 3 by reading bytes; 288 B read\n")
     assert run("diff", dcp_sched_dir, back).stdout == (
         "no differences; 16 tensors compared: 13 by their values (tiny), 3 by CRC-32, 0 by "
         "reading bytes; 0 B read\n")
