@@ -213,6 +213,25 @@ def measure(argv, before=None, check=None, runs=None, ok_rc=(0,)) -> Result:
     return Result(walls, rss)
 
 
+def pairs_with_cp_sync(argv, src, out, remove, log):
+    """``argv`` (which writes ``out`` from ``src``) and ``cp src out && sync out`` as pairs
+    run in turn (the disk's speed drifts over minutes; a pair sees the same disk), at least 5:
+    (ratios, walls, peak RSS KiB, cp walls)."""
+    cp_argv = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(out)]
+    ratios, walls, rss, cp_walls = [], [], [], []
+    for _ in range(max(RUNS, 5)):
+        wc, _, rc1, _, _ = run_once(cp_argv, remove)
+        w, m, rc2, _, err = run_once(argv, remove)
+        if rc1 or rc2:
+            log(f"  failed: {err[-200:]}")
+            break
+        ratios.append(w / wc)
+        walls.append(w)
+        rss.append(m)
+        cp_walls.append(wc)
+    return ratios, walls, rss, cp_walls
+
+
 def ckpttool_cmd() -> list[str]:
     exe = pathlib.Path(PY).parent / "ckpttool"
     if exe.exists():
@@ -660,21 +679,9 @@ def main() -> int:
         # set-lr -o against cp + sync of the same file, as pairs run in turn (the disk's
         # speed drifts over minutes; a pair sees the same disk): the median of the ratios
         log("set-lr vs cp+sync pairs (1.3 GB) ...")
-        cp_argv = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(sgd), str(out_conv)]
         lr_argv = ck + ["set-lr", str(sgd), "1e-4", "-o", str(out_conv)]
         run_once(lr_argv, rm_conv)  # warm-up
-        ratios, lr_walls, lr_rss, cp_walls = [], [], [], []
-        for _ in range(max(RUNS, 5)):
-            wc, _, rc1, _, _ = run_once(cp_argv, rm_conv)
-            wl, ml, rc2, _, err = run_once(lr_argv, rm_conv)
-            if rc1 or rc2:
-                log(f"  failed: {err[-200:]}")
-                break
-            ratios.append(wl / wc)
-            lr_walls.append(wl)
-            lr_rss.append(ml)
-            cp_walls.append(wc)
-        PAIRS["sgd set-lr"] = (ratios, lr_walls, lr_rss, cp_walls)
+        PAIRS["sgd set-lr"] = pairs_with_cp_sync(lr_argv, sgd, out_conv, rm_conv, log)
         rm_conv()
 
     if "check" in parts:
@@ -743,20 +750,8 @@ def main() -> int:
         m("sanitize", ck + ["sanitize", str(extras), "-o", str(out_san)], before=rm_san,
           check=sanitize_verifier(out_san))
         log("sanitize vs cp+sync pairs ...")
-        cp_argv = ["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(extras), str(out_san)]
         san_argv = ck + ["sanitize", str(extras), "-o", str(out_san)]
-        ratios, s_walls, s_rss, cp_walls = [], [], [], []
-        for _ in range(max(RUNS, 5)):
-            wc, _, rc1, _, _ = run_once(cp_argv, rm_san)
-            ws, ms, rc2, _, err = run_once(san_argv, rm_san)
-            if rc1 or rc2:
-                log(f"  failed: {err[-200:]}")
-                break
-            ratios.append(ws / wc)
-            s_walls.append(ws)
-            s_rss.append(ms)
-            cp_walls.append(wc)
-        PAIRS["sanitize"] = (ratios, s_walls, s_rss, cp_walls)
+        PAIRS["sanitize"] = pairs_with_cp_sync(san_argv, extras, out_san, rm_san, log)
         rm_san()
 
     # ------------------------------------------------------------------ tables

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -39,15 +38,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 OUTDIR = HERE / "out"
 
 
-def _load_run():
-    spec = importlib.util.spec_from_file_location("ckpttool_bench_run", HERE / "run.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
-
-
-run = _load_run()
+sys.path.insert(0, str(HERE))  # bench/run.py: launching, timing, peak RSS, formatting
+import run  # noqa: E402
 PY = run.PY
 MB, MIB = run.MB, run.MIB
 # run.run_once keeps its scratch files (_stdout.txt, _rss.txt) in run.OUTDIR; a sub-folder of

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +36,7 @@ from .formats.nodes import DTYPE_ITEMSIZE, TensorRef
 from .formats.safetensors import SafeTensor
 from .formats.safety import Safety
 from .newtensors import CHUNK_BYTES, contiguous_stride, is_contiguous, standalone_tensor
-from .tree import join, resolve
+from .tree import join, pointer_of, rebuild, resolve
 from .writer import TMP_SUFFIX, WriteResult, fsync_dir, write_new
 
 @dataclass
@@ -171,14 +170,18 @@ def chunk_records(folder: str, fqn: str, t: SafeTensor, safety: Safety,
 
 def dcp_transforms(ckpt: Checkpoint) -> dict[tuple[str, int], Any]:
     """(data file, offset) -> the transforms (compression, ...) .metadata says an entry was
-    written with, for every entry of a DCP folder."""
-    from .formats.nodes import fields
-    out: dict[tuple[str, int], Any] = {}
-    for info in fields(ckpt.files[0].extra["dcp_meta"]).get("storage_data", {}).values():
-        i = fields(info)
-        out[(str(i.get("relative_path")), int(i.get("offset") or 0))] = \
-            i.get("transform_descriptors")
-    return out
+    written with, for every entry of a DCP folder (worked out once per checkpoint)."""
+    f = ckpt.files[0]
+    cached = f.extra.get("dcp_transforms")
+    if cached is None:
+        from .formats.nodes import fields
+        cached = {}
+        for info in fields(f.extra["dcp_meta"]).get("storage_data", {}).values():
+            i = fields(info)
+            cached[(str(i.get("relative_path")), int(i.get("offset") or 0))] = \
+                i.get("transform_descriptors")
+        f.extra["dcp_transforms"] = cached
+    return cached  # type: ignore[no-any-return]
 
 
 def gathered_bytes(ckpt: Checkpoint, fqn: str, t: SafeTensor) -> bytes:
@@ -212,30 +215,6 @@ def names_to_ids(opt_sd: dict[Any, Any]) -> dict[Any, Any]:
     for k, v in opt_sd.items():
         out[k] = state if k == "state" else groups if k == "param_groups" else v
     return out
-
-
-def _replace(root: Any, pointer: str, value: Any) -> Any:
-    """``root`` with the value at ``pointer`` replaced (containers on the way copied)."""
-    from .tree import split
-    tokens = split(pointer)
-    if not tokens:
-        return value
-
-    def go(node: Any, i: int) -> Any:
-        tok = tokens[i]
-        if isinstance(node, list):
-            k: Any = int(tok)
-        else:
-            k = next((key for key in node if str(key) == tok), tok)
-        new = copy_container(node)
-        new[k] = value if i == len(tokens) - 1 else go(node[k], i + 1)
-        return new
-    return go(root, 0)
-
-
-def copy_container(node: Any) -> Any:
-    return list(node) if isinstance(node, list) else type(node)(node) \
-        if isinstance(node, OrderedDict) else dict(node)
 
 
 def to_file(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
@@ -287,7 +266,7 @@ def to_file(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
         for opt in ckpt.optimizers:
             if opt.names_source == "param ids (name-keyed)" and not opt.flattened:
                 sd = resolve(root, opt.pointer)
-                root = _replace(root, opt.pointer, names_to_ids(sd))
+                root = rebuild(root, {id(sd): names_to_ids(sd)})
                 rekeyed.append(opt.pointer or "/")
     w = write_new(root, os.fspath(output), force=force, progress=progress)
     n_values = sum(1 for md in fields(f.extra["dcp_meta"])["state_dict_metadata"].values()
@@ -296,21 +275,6 @@ def to_file(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
 
 
 # ----------------------------------------------------------------------------------- to-dcp
-
-def _at(root: Any, path: tuple[Any, ...]) -> Any:
-    """The node at a DCP path (dict keys as strings, list indices as ints)."""
-    node = root
-    for k in path:
-        if isinstance(node, list):
-            node = node[int(k)]
-        else:
-            node = node[next(key for key in node if str(key) == str(k))]
-    return node
-
-
-def _pointer(path: tuple[Any, ...]) -> str:
-    return "".join(join("", k) for k in path)
-
 
 def ids_to_names(opt_sd: dict[Any, Any], names: list[str]) -> dict[Any, Any]:
     """An id-keyed optimizer state dict keyed by parameter name, in ``get_state_dict``'s
@@ -378,7 +342,8 @@ def to_dcp(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
     root = ckpt.root
     rekeyed = []
     for ptr, n in names.items():
-        root = _replace(root, ptr, ids_to_names(resolve(root, ptr), n))
+        sd = resolve(root, ptr)
+        root = rebuild(root, {id(sd): ids_to_names(sd, n)})
         rekeyed.append(ptr or "/")
     refs: dict[int, TensorRef] = {}
 
@@ -435,9 +400,9 @@ def to_dcp(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
                     del t
                 else:  # a value: the original node (never a torch object) pickled
                     from .dcp_save import _tensorish, value_archive
-                    node = _at(root, mapping[fqn])
+                    node = resolve(root, pointer_of(mapping[fqn]))
                     if _tensorish(node):
-                        raise EditError(f"{_pointer(mapping[fqn])}: a tuple or object holding "
+                        raise EditError(f"{pointer_of(mapping[fqn])}: a tuple or object holding "
                                         "tensors; DCP would pickle it whole and ckpttool does "
                                         "not write that", path=ckpt.path)
                     fh.write(value_archive(node))

@@ -29,6 +29,7 @@ import secrets
 import shutil
 import stat
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint, CheckpointFile, _read_zip, read_file
@@ -37,7 +38,7 @@ from .formats.nodes import Reduce, fields
 from .formats.pickler import dumps
 from .formats.safetensors import SafeTensor
 from .formats.torchzip_write import Payload, write_archive
-from .tree import is_tensor_node, walk_all
+from .tree import is_tensor_node, pointer_of, walk_all
 from .writer import TMP_SUFFIX, WriteResult, fsync_dir
 
 _MISSING: Any = object()
@@ -49,10 +50,6 @@ def _tensorish(value: Any) -> bool:
     if isinstance(value, (dict, list, tuple, Reduce)):
         return any(is_tensor_node(o) for _, o, _ in walk_all(value))
     return False
-
-
-def _pointer(keys: tuple[Any, ...]) -> str:
-    return "/" + "/".join(str(k).replace("~", "~0").replace("/", "~1") for k in keys)
 
 
 def changed_values(f: CheckpointFile, new_root: Any) -> tuple[list[tuple[str, tuple[Any, ...],
@@ -78,9 +75,9 @@ def changed_values(f: CheckpointFile, new_root: Any) -> tuple[list[tuple[str, tu
     seen: set[str] = set()
 
     def refuse(keys: tuple[Any, ...], why: str) -> CkptError:
-        return CkptError(f"{_pointer(keys)}: {why}; ckpttool edits only the non-tensor values "
+        return CkptError(f"{pointer_of(keys)}: {why}; ckpttool edits only the non-tensor values "
                          "of a DCP folder (hyperparameters, scheduler fields, counters)",
-                         path=f.path.rsplit(os.sep, 1)[0], pointer=_pointer(keys),
+                         path=f.path.rsplit(os.sep, 1)[0], pointer=pointer_of(keys),
                          hint="convert it with `ckpttool to-file`, edit the file, and "
                               "`ckpttool to-dcp` it back")
 
@@ -218,11 +215,39 @@ def _fsync_write(path: str, data: bytes) -> None:
         os.close(fd)
 
 
-def commit(folder: str, f: CheckpointFile, new_root: Any, *, backup: bool = False
-           ) -> tuple[str | None, list[str], list[str]]:
-    """Apply an edit of ``f``'s tree to the DCP folder ``folder`` (in place, crash-safely).
+@dataclass
+class DcpCommit:
+    """What one commit to a DCP folder did."""
 
-    Returns (the new data file, values rewritten by fqn, files removed)."""
+    data_file: str | None  # the new data file, if values were written
+    written: list[str]  # fqns of the values written (changed or added)
+    removed: list[str]  # fqns of the keys removed
+    dropped: list[str]  # data files no .metadata references any more, removed (or left out)
+    copied: list[str] = field(default_factory=list)  # -o: the folder's other files, copied
+
+    def details(self, output: bool, backup: bool) -> list[str]:
+        """The parts of the command's one-line report."""
+        out = [".metadata replaced"]
+        n = len(self.written)
+        if n:
+            out.append(f"{n} value{'s' if n != 1 else ''} written to {self.data_file}")
+        if self.removed:
+            k = len(self.removed)
+            out.append(f"{k} key{'s' if k != 1 else ''} removed")
+        if self.dropped:
+            out.append(f"{', '.join(self.dropped)} no longer used and "
+                       + ("left out" if output else "removed"))
+        if backup and not output:
+            out.append("the original .metadata is kept as .metadata.bak")
+        if output:
+            c = len(self.copied)
+            out.append(f"{c} file{'s' if c != 1 else ''} copied as they were")
+        return out
+
+
+def commit(folder: str, f: CheckpointFile, new_root: Any, *, backup: bool = False
+           ) -> DcpCommit:
+    """Apply an edit of ``f``'s tree to the DCP folder ``folder`` (in place, crash-safely)."""
     changed, added, removed = changed_values(f, new_root)
     meta_node: Reduce = f.extra["dcp_meta"]
     entries = changed + added
@@ -289,7 +314,7 @@ def commit(folder: str, f: CheckpointFile, new_root: Any, *, backup: bool = Fals
                 pass
         if dropped:
             fsync_dir(folder)
-    return data_name, [e[0] for e in entries] + [f"-{r}" for r in removed], dropped
+    return DcpCommit(data_name, [e[0] for e in entries], removed, dropped)
 
 
 def _verify(folder: str, meta_path: str, pickled: bytes, protocol: int,
@@ -315,19 +340,16 @@ def _verify(folder: str, meta_path: str, pickled: bytes, protocol: int,
 
 
 def save_dcp(ckpt: Checkpoint, output: str | None, *, force: bool = False,
-             backup: bool = False) -> tuple[str, list[str], list[str], list[str], str | None]:
-    """Write an edited DCP checkpoint in place or as a new folder ``output``.
-
-    Returns (folder written, values rewritten, files copied, files removed, new data file)."""
+             backup: bool = False) -> DcpCommit:
+    """Write an edited DCP checkpoint in place or as a new folder ``output``."""
     f = ckpt.files[0]
     new_root = ckpt.roots[f.name]
     if output is None:
-        data, values, dropped = commit(ckpt.path, f, new_root, backup=backup)
-        return ckpt.path, values, [], dropped, data
+        return commit(ckpt.path, f, new_root, backup=backup)
     from .save import copy_folder
-    done: list[tuple[str | None, list[str], list[str]]] = []
+    done: list[DcpCommit] = []
     copied = copy_folder(ckpt.path, output, force,
                          lambda tmp: done.append(commit(tmp, f, new_root)))
-    data, values, dropped = done[0]
-    copied = [c for c in copied if c not in dropped and c != ".metadata"]
-    return output, values, copied, dropped, data
+    result = done[0]
+    result.copied = [c for c in copied if c not in result.dropped and c != ".metadata"]
+    return result

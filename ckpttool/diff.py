@@ -163,6 +163,7 @@ class _Differ:
         self.crcs: dict[tuple[str, int, int], int] = {}
         self.fds: dict[str, int] = {}
         self.pending: list[tuple[Difference, Any, Any]] = []  # --values work
+        self.gathered: dict[int, bytes] = {}  # id(DCP tensor) -> its gathered bytes
 
     # -- driving ---------------------------------------------------------------------------
     def run(self, optimizer: str | None) -> DiffResult:
@@ -432,14 +433,19 @@ class _Differ:
         from .dcp_convert import gathered_bytes
         raw = gathered_bytes(ckpt, "", t)
         self.out.bytes_read += len(raw)
+        if self.values:  # kept for --values, which would read them again
+            self.gathered[id(t)] = raw
         return raw
 
     def _in_memory(self, t: Any, ckpt: Checkpoint) -> Any:
         """A DCP tensor for ``--values``: its gathered bytes in memory (read once more)."""
         if not _in_chunks(t):
             return t
-        from .dcp_convert import gathered_bytes
-        return _Loaded(t.shape, t.dtype, t.numel, t.itemsize, gathered_bytes(ckpt, "", t))
+        raw = self.gathered.pop(id(t), None)
+        if raw is None:
+            from .dcp_convert import gathered_bytes
+            raw = gathered_bytes(ckpt, "", t)
+        return _Loaded(t.shape, t.dtype, t.numel, t.itemsize, raw)
 
     def _count(self, read_before: int) -> None:
         if self.out.bytes_read == read_before:

@@ -100,23 +100,9 @@ def _save_dcp(ckpt: Checkpoint, output: str | None, force: bool, backup: bool) -
         if output is None:
             return SaveResult(ckpt.path, False)
         return SaveResult(output, False, copied=copy_folder(ckpt.path, output, force))
-    out, values, copied, dropped, data = save_dcp(ckpt, output, force=force, backup=backup)
-    n = len([v for v in values if not v.startswith("-")])
-    details = [f".metadata replaced"]
-    if n:
-        details.append(f"{n} value{'s' if n != 1 else ''} written to {data}")
-    gone = [v[1:] for v in values if v.startswith("-")]
-    if gone:
-        details.append(f"{len(gone)} key{'s' if len(gone) != 1 else ''} removed")
-    if dropped:
-        details.append(f"{', '.join(dropped)} no longer used and "
-                       + ("removed" if output is None else "left out"))
-    if backup and output is None:
-        details.append(f"the original .metadata is kept as .metadata.bak")
-    kept = len(copied) if output is not None else None
-    if kept is not None:
-        details.append(f"{kept} file{'s' if kept != 1 else ''} copied as they were")
-    return SaveResult(out, True, copied=copied, details=details)
+    done = save_dcp(ckpt, output, force=force, backup=backup)
+    return SaveResult(output if output is not None else ckpt.path, True, copied=done.copied,
+                      details=done.details(output is not None, backup))
 
 
 def _save_folder(ckpt: Checkpoint, output: str, force: bool,

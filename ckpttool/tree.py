@@ -24,6 +24,11 @@ def join(pointer: str, token: Any) -> str:
     return f"{pointer}/{escape(token)}"
 
 
+def pointer_of(tokens: Any) -> str:
+    """The JSON Pointer of a sequence of keys (``("optim", "param_groups", 0)``)."""
+    return "".join(f"/{escape(t)}" for t in tokens)
+
+
 def split(pointer: str) -> list[str]:
     if pointer == "":
         return []

@@ -115,10 +115,13 @@ def _lookup(mapping: dict[Any, Any] | None, st: Storage) -> Any:
     return mapping.get(st.key) if v is None else v
 
 
-def _check_target(source_path: str, out_path: str | None,
+def _check_target(source_path: str | None, out_path: str | None,
                   force: bool) -> tuple[str, bool, os.stat_result | None]:
-    """(resolved target path, target is the source file, stat of the existing target)."""
-    target = os.path.realpath(out_path if out_path is not None else source_path)
+    """(resolved target path, target is the source file, stat of the existing target);
+    ``source_path`` None: a new file with no source."""
+    where = out_path if out_path is not None else source_path
+    assert where is not None
+    target = os.path.realpath(where)
     try:
         st = os.stat(target)
     except FileNotFoundError:
@@ -126,7 +129,8 @@ def _check_target(source_path: str, out_path: str | None,
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise CkptError("is a folder; give a file name to write to", path=out_path)
     try:
-        is_source = st is not None and os.path.samefile(target, source_path)
+        is_source = st is not None and source_path is not None \
+            and os.path.samefile(target, source_path)
     except OSError:
         is_source = False
     if st is not None and not is_source and not force:
@@ -134,6 +138,46 @@ def _check_target(source_path: str, out_path: str | None,
     if not os.path.isdir(os.path.dirname(target) or "."):
         raise CkptError(f"the folder {os.path.dirname(target)} does not exist", path=out_path)
     return target, is_source, st
+
+
+def _prefix(target: str) -> str:
+    """The archive folder name torch.save gives a new file (its name without extension)."""
+    return os.path.splitext(os.path.basename(target))[0] or "archive"
+
+
+def _content_payload(st: Storage) -> Payload:
+    """A new storage's bytes: its content (an edit's description), streamed."""
+    p = Payload.from_chunks(st.content.nbytes, st.content.chunks())
+    p.src_name = f"new storage ({st.content.describe()})"
+    return p
+
+
+def _write_temp(target: str, target_st: os.stat_result | None, prefix: str,
+                records: list[tuple[str, Payload]], *, alignment: int = DEFAULT_ALIGNMENT,
+                progress: Progress | None = None, verify_crc: bool = False
+                ) -> tuple[str, list[WrittenRecord]]:
+    """Write the archive to a synced temp file beside ``target``, with the mode and owner of
+    the file it will replace (else the umask's); the temp file is removed on failure."""
+    tfd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
+                                suffix=TMP_SUFFIX, dir=os.path.dirname(target))
+    try:
+        written = write_archive(tfd, prefix, records, alignment=alignment, progress=progress,
+                                verify_crc=verify_crc)
+        if target_st is not None:
+            os.fchmod(tfd, stat.S_IMODE(target_st.st_mode))
+            try:
+                os.fchown(tfd, target_st.st_uid, target_st.st_gid)
+            except OSError:
+                pass
+        else:
+            os.fchmod(tfd, 0o666 & ~_umask())
+        os.fsync(tfd)
+    except BaseException:
+        os.close(tfd)
+        os.unlink(tmp)
+        raise
+    os.close(tfd)
+    return tmp, written
 
 
 def _fresh_records(data_pkl: bytes, data: list[tuple[str, Payload]]
@@ -153,35 +197,19 @@ def write_new(root: Any, out_path: str, *, force: bool = False,
               progress: Progress | None = None) -> WriteResult:
     """Write a tree whose every storage is new (has a ``content``) as a torch.save zip file
     ``out_path``, crash-safely (temp file, verified, renamed into place)."""
-    target = os.path.realpath(out_path)
-    if os.path.isdir(target):
-        raise CkptError("is a folder; give a file name to write to", path=out_path)
-    if os.path.lexists(target) and not force:
-        raise CkptError("already exists", path=out_path, hint="use --force to overwrite it")
-    directory = os.path.dirname(target)
-    if not os.path.isdir(directory):
-        raise CkptError(f"the folder {directory} does not exist", path=out_path)
+    target, _, target_st = _check_target(None, out_path, force)
     order: list[Storage] = []
     data_pkl = dumps(root, protocol=2, storage_pid=zip_pid_renumbering(), storage_order=order)
     data = []
     for i, st in enumerate(order):
         if st.content is None:
             raise CkptError(f"storage {st.key} has no content to write", path=out_path)
-        p = Payload.from_chunks(st.content.nbytes, st.content.chunks())
-        p.src_name = f"new storage ({st.content.describe()})"
-        data.append((f"data/{i}", p))
+        data.append((f"data/{i}", _content_payload(st)))
+    directory = os.path.dirname(target)
     tmp: str | None = None
     try:
-        tfd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
-                                    suffix=TMP_SUFFIX, dir=directory)
-        try:
-            prefix = os.path.splitext(os.path.basename(target))[0] or "archive"
-            written = write_archive(tfd, prefix, _fresh_records(data_pkl, data),
-                                    progress=progress)
-            os.fchmod(tfd, 0o666 & ~_umask())
-            os.fsync(tfd)
-        finally:
-            os.close(tfd)
+        tmp, written = _write_temp(target, target_st, _prefix(target),
+                                   _fresh_records(data_pkl, data), progress=progress)
         _verify(tmp, written, data_pkl)
         os.replace(tmp, target)
         tmp = None
@@ -209,8 +237,7 @@ def _source_records(source: CheckpointFile, fd: int, data_pkl: bytes, order: lis
         if new is not None:
             p = _as_payload(st.key, new)
         elif st.content is not None:  # a new tensor an edit described: streamed
-            p = Payload.from_chunks(st.content.nbytes, st.content.chunks())
-            p.src_name = f"new storage ({st.content.describe()})"
+            p = _content_payload(st)
         elif st.record is None:
             raise CkptError(f"storage {st.key} has no bytes: it is new in the edited tree "
                             "but has no content and no entry in new_records",
@@ -381,24 +408,9 @@ def write_file(source: CheckpointFile, root: Any = None, out_path: str | None = 
 
         # -- the temp file -------------------------------------------------------------------
         directory = os.path.dirname(target)
-        tfd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".",
-                                    suffix=TMP_SUFFIX, dir=directory)
-        try:
-            prefix = source.archive.prefix if source.archive is not None else \
-                (os.path.splitext(os.path.basename(target))[0] or "archive")
-            written = write_archive(tfd, prefix, records, alignment=alignment,
-                                    progress=progress, verify_crc=verify_crc)
-            if target_st is not None:
-                os.fchmod(tfd, stat.S_IMODE(target_st.st_mode))
-                try:
-                    os.fchown(tfd, target_st.st_uid, target_st.st_gid)
-                except OSError:
-                    pass
-            else:
-                os.fchmod(tfd, 0o666 & ~_umask())
-            os.fsync(tfd)
-        finally:
-            os.close(tfd)
+        prefix = source.archive.prefix if source.archive is not None else _prefix(target)
+        tmp, written = _write_temp(target, target_st, prefix, records, alignment=alignment,
+                                   progress=progress, verify_crc=verify_crc)
 
         # -- verify --------------------------------------------------------------------------
         _verify(tmp, written, data_pkl)
