@@ -559,6 +559,11 @@ def check_deep(ctx: Context) -> Iterator[Finding]:
     if not ctx.deep:
         return
     scan = ctx.deep_scan or DeepScan(ctx)
+    if scan.skipped:
+        yield Finding("not-judged", WARN, "",
+                      f"--deep did not read {scan.skipped} entr"
+                      f"{'ies' if scan.skipped != 1 else 'y'} stored through stream transforms "
+                      "(compression, encryption) that ckpttool does not decode", "")
     for f, rec, info, (crc, bad, neg, nonzero) in scan.results():
         if getattr(rec, "crc", 0) and crc != rec.crc:
             dcp = ctx.ckpt.kind == "dcp"  # a record of an archive inside a data file
@@ -601,6 +606,7 @@ class DeepScan:
         self._fds: list[int] = []
         self._jobs: list[tuple[Any, Any, tuple[str, str] | None,
                                Future[tuple[int, int, int, int]]]] = []
+        self.skipped = 0  # DCP entries stored through stream transforms: not read
         if ctx.ckpt.kind == "dcp":
             self._dcp(ctx)
             return
@@ -646,6 +652,9 @@ class DeepScan:
             i = fields(info)
             file, off, length = i.get("relative_path"), i.get("offset"), i.get("length")
             if not isinstance(file, str) or type(off) is not int or type(length) is not int:
+                continue
+            if i.get("transform_descriptors"):  # compressed or encrypted: not decoded
+                self.skipped += 1
                 continue
             fp = os.path.join(ctx.ckpt.path, file)
             if file not in fds:

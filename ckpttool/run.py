@@ -14,7 +14,7 @@ from typing import Any
 
 from .checkpoint import CKPT_SUFFIXES, Checkpoint, folder_layout, open_checkpoint
 from .errors import CkptError, UnreadableError
-from .formats.nodes import TensorRef
+from .tree import is_tensor_node
 
 MAX_DEPTH = 3  # run folders inside run folders (lightning_logs/version_0/checkpoints/)
 
@@ -190,8 +190,8 @@ def _entry(run: str, rel: str) -> RunEntry:
 
 
 def _value(v: Any) -> Any:
-    """A stored number: a plain value, or the value of a 0-d tensor."""
-    if isinstance(v, TensorRef):
+    """A stored number: a plain value, or the value of a 0-d tensor (a DCP folder's too)."""
+    if is_tensor_node(v):
         return v.value if not isinstance(v.value, list) else None
     return v
 

@@ -910,8 +910,27 @@ def test_stream_transformed_values_are_not_judged(tmp_path: Path) -> None:
         "optim.param_groups.0.lr (stream.zlibtest/1), optim.param_groups.0.momentum "
         "(stream.zlibtest/1), optim.param_groups.0.dampening (stream.zlibtest/1), "
         "optim.param_groups.0.weight_decay (stream.zlibtest/1) ...")
+    deep = json.loads(run("check", "--deep", "--json", folder).stdout)["findings"]
+    assert [(f["id"], f["message"]) for f in deep][1:] == [
+        ("not-judged", "--deep did not read 13 entries stored through stream transforms "
+         "(compression, encryption) that ckpttool does not decode")]
     r = run("set-lr", folder, "0.01", code=1)
     assert r.stderr.startswith(f"Error: {folder}: 11 values of this DCP folder are stored "
                                "through stream transforms ckpttool does not decode")
     run("to-file", folder, tmp_path / "x.pt", code=1)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_dcp_folder_in_a_run(dcp_sched_dir: Path, tmp_path: Path) -> None:
+    """A run folder holding a DCP checkpoint and its to-file copy: both rows read the
+    optimizer's step and lrs (a DCP step is a tensor read from its chunk)."""
+    import shutil
+    shutil.copytree(dcp_sched_dir, tmp_path / "step-3")
+    run("to-file", dcp_sched_dir, tmp_path / "step-3.pt")
+    doc = json.loads(run("show", "--json", tmp_path).stdout)
+    rows = {c["path"]: c for c in doc["checkpoints"]}
+    assert sorted(rows) == ["step-3.pt", "step-3/"]
+    for c in rows.values():
+        assert [(o["type"], o["step"], o["lrs"]) for o in c["optimizers"]] == [
+            ("AdamW", 3.0, [5e-4, 5e-5])]
+        assert c["step"] == 3
